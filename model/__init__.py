@@ -1,0 +1,1 @@
+"""ZipVoice / ZipVoice-Dialog / ZipVoice-Dialog-Stereo: models, checkpoints, sampling, trainer."""
