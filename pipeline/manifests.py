@@ -12,7 +12,6 @@ import json
 from pathlib import Path
 
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 SCHEMA_VERSION_KEY = b"opendialog.schema"
@@ -304,5 +303,5 @@ def dedupe(table: pa.Table, keys: tuple[str, ...]) -> pa.Table:
     idx = pa.array(range(table.num_rows), pa.int64())
     t = table.append_column("__i", idx)
     last = t.group_by(list(keys)).aggregate([("__i", "max")]).column("__i_max")
-    t = t.take(pc.sort_indices(last)).drop_columns(["__i"])
+    t = t.take(last).drop_columns(["__i"])
     return t.sort_by([(k, "ascending") for k in keys])
