@@ -301,13 +301,14 @@ class RelPositionMultiheadAttentionWeights(nn.Module):
             const_head0 = valid / valid.sum(dim=-1, keepdim=True)
 
         if use_sdpa:
-            # The mask goes into the additive bias: masked scores become q.k - 1000 instead of
-            # exactly -1000, and both underflow to a weight of 0 after the softmax.
+            # The mask goes into the additive bias. Zeroing the padded keys makes a masked score
+            # 0 + (-1000), exactly the reference's fill value, even for huge q.k.
             bias = pos_scores
             if mask is not None:
                 if bias is None:
                     bias = torch.zeros(H, B, T, T, dtype=q.dtype, device=q.device)
                 bias = bias.masked_fill(mask, -1000.0)
+                k = k.masked_fill(key_padding_mask[None, :, :, None], 0.0)
             if bias is None:
                 bias = torch.zeros(H, B, 1, T, dtype=q.dtype, device=q.device)
             return Attention(q=q.transpose(0, 1), k=k.transpose(0, 1),
