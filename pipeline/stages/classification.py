@@ -1,0 +1,126 @@
+"""Classification: is the recording a two-speaker dialogue? (the paper's LLM classifier, section 5.1)
+
+Reads the diarization ``turns`` and the ASR ``utterances`` and adds ``is_dialogue``,
+``dialogue_score`` (0..1), ``backend``, ``model``, ``prompt_version`` and ``answer``. Dialogues
+stay ``ok`` and flow on; other recordings are ``rejected`` with a ``not_dialogue: ...`` reason; an
+answer that does not parse is ``failed`` ("unparsable LLM answer: ..."), never read as a yes.
+
+Backends (``pipeline/backends/llm/``): ``heuristic`` (the embedded default: diarization turn
+statistics, no model), ``transformers`` (a local causal LM, yes/no log-likelihood or generated
+JSON) and ``vllm`` (GPU, batched, guided decoding). A recording is a dialogue when its score
+reaches ``threshold``. With an LLM backend, recordings whose diarization rules them out by
+speaker count (``prefilter``) are rejected without an LLM call: a 1-speaker or a 5-speaker
+recording cannot become a two-speaker ``[S1]/[S2]`` dialogue whatever its text says.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from pipeline.backends.llm import Classifier, PromptConfig, Verdict, load_backend
+from pipeline.backends.llm.heuristic import HeuristicClassifier, HeuristicConfig, speaker_reason, turn_stats
+from pipeline.backends.llm.transformers import TransformersConfig
+from pipeline.backends.llm.vllm import VllmConfig
+from pipeline.stage import Resources, Stage, StageConfig
+
+MAX_ANSWER_CHARS = 500
+
+
+class ClassificationConfig(StageConfig):
+    backend: Literal["heuristic", "transformers", "vllm"] = "heuristic"
+    threshold: float = Field(0.5, ge=0, le=1, description="dialogue_score that makes a dialogue")
+    prefilter: bool = Field(True, description="LLM backends: reject by diarization speaker count before the LLM")
+    heuristic: HeuristicConfig = HeuristicConfig()
+    prompt: PromptConfig = PromptConfig()
+    transformers: TransformersConfig = TransformersConfig()
+    vllm: VllmConfig = VllmConfig()
+
+    @model_validator(mode="after")
+    def _gpus(self) -> "ClassificationConfig":
+        if self.backend == "vllm":
+            gpus = self.resources.num_gpus if self.resources else 0
+            if gpus < self.vllm.tensor_parallel_size:
+                raise ValueError(f"backend vllm needs resources.num_gpus >= vllm.tensor_parallel_size "
+                                 f"({self.vllm.tensor_parallel_size}), got {gpus}")
+        return self
+
+
+class ClassificationStage(Stage):
+    Config = ClassificationConfig
+    manifest = "classification"
+    version = "1"
+    default_resources = Resources(num_cpus=1, num_gpus=0, batch_size=8, concurrency=1)
+
+    def __init__(self, config: ClassificationConfig, ctx, backend: Classifier | None = None):
+        """``backend`` replaces the configured one (tests; a caller that already holds a model)."""
+        super().__init__(config, ctx)
+        self.heuristic = HeuristicClassifier(config.heuristic)
+        if backend is not None:
+            self.backend = backend
+        elif config.backend == "heuristic":
+            self.backend = self.heuristic
+        else:
+            kind_cfg = getattr(config, config.backend)
+            self.backend = load_backend(config.backend, kind_cfg, config.prompt, ctx.device)
+        self.is_llm = self.backend is not self.heuristic
+
+    def process(self, rows):
+        out: list[dict | None] = [self._precheck(r) for r in rows]
+        todo = [i for i, r in enumerate(out) if r is None]
+        verdicts = self.backend.classify([rows[i] for i in todo]) if todo else []
+        if len(verdicts) != len(todo):
+            raise RuntimeError(f"{self.backend.name} backend returned {len(verdicts)} verdicts for {len(todo)} rows")
+        for i, v in zip(todo, verdicts):
+            out[i] = self._apply(rows[i], v, self.backend)
+        return out
+
+    def _precheck(self, row: dict) -> dict | None:
+        """A finished row when the recording needs no backend call, else None."""
+        if self.is_llm:
+            if "utterances" not in row:
+                return self._failed(row, "classification needs the ASR 'utterances': run the asr stage before it")
+            if not any(str(u.get("text") or "").strip() for u in row["utterances"] or []):
+                return self._result(row, "rejected", "not_dialogue: empty transcript", self.backend, score=0.0)
+            if self.config.prefilter:
+                turns = row["turns"] if row.get("turns") is not None else row["utterances"]
+                st = turn_stats(dict(row, turns=turns), self.config.heuristic)
+                why = speaker_reason(st, self.config.heuristic)
+                if why:
+                    return self._result(row, "rejected", f"not_dialogue: {why}", self.heuristic, score=0.0,
+                                        answer=json.dumps(asdict(st)))
+        elif row.get("turns") is None:
+            return self._failed(row, "classification needs the diarization 'turns': run the diarization stage before it")
+        return None
+
+    def _apply(self, row: dict, v: Verdict, backend: Classifier) -> dict:
+        if v.error is not None or v.score is None:
+            snippet = (v.answer or "")[:120]
+            return self._result(row, "failed", f"unparsable LLM answer: {v.error}: {snippet!r}", backend,
+                                answer=v.answer)
+        t = self.config.threshold
+        if v.score >= t:
+            return self._result(row, "ok", None, backend, v.score, v.answer)
+        if v.reason:
+            why = v.reason
+        elif backend is self.heuristic:
+            why = f"heuristic score {v.score:.2f} < threshold {t}"
+        elif v.score < 0.5:
+            why = f"llm answered no (score {v.score:.2f})"
+        else:
+            why = f"llm score {v.score:.2f} < threshold {t}"
+        return self._result(row, "rejected", f"not_dialogue: {why}", backend, v.score, v.answer)
+
+    def _result(self, row: dict, status: str, reason: str | None, backend: Classifier,
+                score: float | None = None, answer: str | None = None) -> dict:
+        return dict(row, status=status, reason=reason,
+                    is_dialogue=None if status == "failed" else status == "ok",
+                    dialogue_score=None if score is None else round(float(score), 4),
+                    backend=backend.name, model=backend.model, prompt_version=backend.prompt_version,
+                    answer=None if answer is None else answer[:MAX_ANSWER_CHARS])
+
+    def _failed(self, row: dict, reason: str) -> dict:
+        return self._result(row, "failed", reason, self.backend)
