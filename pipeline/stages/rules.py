@@ -1,0 +1,68 @@
+"""Rules: reject dialogue segments whose WhisperD transcript looks wrong (paper section 5.3).
+
+The checks themselves live in ``filters/rules.py`` (pure functions of a segment); this stage applies
+them to every segment the segments stage kept, records each segment's verdict and metrics, and
+keeps the recording while at least one of its segments passes.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+
+from filters.rules import RulesConfig, apply_rules
+from pipeline.stage import Resources, Stage
+
+
+class RulesStage(Stage):
+    Config = RulesConfig
+    manifest = "rules"
+    version = "1"
+    stateful = False  # no model: plain Ray tasks
+    default_resources = Resources(num_cpus=0.5, batch_size=32, concurrency=2)
+
+    def process(self, rows):
+        return [self._recording(r) for r in rows]
+
+    def _recording(self, row: dict) -> dict:
+        segments = row.get("segments")
+        if not isinstance(segments, list):
+            return dict(row, status="failed",
+                        reason="rules: the row has no 'segments' list (run the segments stage before rules)")
+        out, failed = [], Counter()
+        checked = 0
+        for seg in segments:
+            if seg.get("status") != "ok":  # rejected upstream: keep its verdict
+                out.append(seg)
+                continue
+            checked += 1
+            v = apply_rules(seg, self.config)
+            if not v.ok:
+                failed[v.rule] += 1
+            out.append(dict(seg, status="ok" if v.ok else "rejected", reason=v.reason,
+                            metrics=json.dumps(v.metrics, sort_keys=True, ensure_ascii=False, allow_nan=False)))
+        r = dict(row, segments=out, status="ok", reason=None)
+        if checked == 0:
+            r["status"], r["reason"] = "rejected", "rules: no segment with status ok to check"
+        elif sum(failed.values()) == checked:
+            summary = ", ".join(f"{rule} x{n}" for rule, n in sorted(failed.items(), key=lambda kv: (-kv[1], kv[0])))
+            noun = "segment" if checked == 1 else "segments"
+            r["status"], r["reason"] = "rejected", f"all {checked} {noun} rejected by rules: {summary}"
+        return r
+
+    def manifest_rows(self, row):
+        rid, segments = row["recording_id"], row.get("segments")
+        if not isinstance(segments, list):
+            return []
+        return [
+            {
+                "segment_id": s["segment_id"],
+                "recording_id": s.get("recording_id") or rid,
+                "start": s["start"],
+                "end": s["end"],
+                "status": s.get("status"),
+                "reason": s.get("reason"),
+                "metrics": s.get("metrics"),
+            }
+            for s in segments
+        ]
