@@ -77,21 +77,20 @@ class ActivationDropoutAndLinear(nn.Module):
     """
 
     def __init__(self, in_channels: int, out_channels: int, activation: str,
-                 dropout_p: float = 0.0, initial_scale: float = 1.0):
+                 initial_scale: float = 1.0):
         super().__init__()
         ref = scaled_linear(in_channels, out_channels, initial_scale=initial_scale)
         self.weight = ref.weight
         self.bias = ref.bias
         self.activation = {"SwooshL": swoosh_l, "SwooshR": swoosh_r}[activation]
-        self.dropout_p = dropout_p
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, dropout_p: float = 0.0) -> Tensor:
         # (T, B, C). float32 island: the activation is computed in float32 and cast back.
         x = self.activation(x.float()).to(x.dtype)
-        if self.training and self.dropout_p > 0.0:
+        if self.training and dropout_p > 0.0:
             # One mask per (sequence, channel), shared over time (dim 0), as in the reference.
-            keep = torch.rand_like(x[:1]) >= self.dropout_p
-            x = x * keep / (1.0 - self.dropout_p)
+            keep = torch.rand_like(x[:1]) >= dropout_p
+            x = x * keep / (1.0 - dropout_p)
         return F.linear(x, self.weight, self.bias)
 
 
@@ -217,8 +216,8 @@ class Attention:
     (NonlinAttention on head 0, self_attn1, self_attn2).
 
     Two exact-math paths:
-      * explicit: the (H, B, T, T) weights A = softmax(q.k + p.R - 1000*mask) are materialised
-        once and multiplied with each value;
+      * explicit: the (H, B, T, T) weights A = softmax(q.k + p.R, padded keys set to -1000) are
+        materialised once and multiplied with each value;
       * sdpa: q, k and the additive bias (position score + mask) are kept and every use calls
         `scaled_dot_product_attention(..., scale=1.0)`, which can use fused kernels.
     """
@@ -271,7 +270,8 @@ class RelPositionMultiheadAttentionWeights(nn.Module):
         # view whose rows start one column earlier each time.
         scores = scores.reshape(H * B, T, 2 * T - 1).contiguous()
         scores = scores.as_strided(
-            (H * B, T, T), (T * (2 * T - 1), 2 * T - 2, 1), storage_offset=T - 1
+            (H * B, T, T), (T * (2 * T - 1), 2 * T - 2, 1),
+            storage_offset=scores.storage_offset() + T - 1,
         )
         return scores.reshape(H, B, T, T)
 
@@ -364,14 +364,15 @@ class NonlinAttention(nn.Module):
 class FeedforwardModule(nn.Module):
     """Linear -> SwooshL -> dropout (shared over time) -> Linear."""
 
-    def __init__(self, embed_dim: int, feedforward_dim: int, dropout: float):
+    def __init__(self, embed_dim: int, feedforward_dim: int, reg: Regularisation):
         super().__init__()
+        self.reg = reg
         self.in_proj = nn.Linear(embed_dim, feedforward_dim)
         self.out_proj = ActivationDropoutAndLinear(feedforward_dim, embed_dim, "SwooshL",
-                                                   dropout_p=dropout, initial_scale=0.1)
+                                                   initial_scale=0.1)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.out_proj(self.in_proj(x))
+        return self.out_proj(self.in_proj(x), self.reg.ff_dropout)
 
 
 class ConvolutionModule(nn.Module):
@@ -404,19 +405,20 @@ class ConvolutionModule(nn.Module):
 class Zipformer2EncoderLayer(nn.Module):
     def __init__(self, embed_dim: int, pos_dim: int, num_heads: int, query_head_dim: int,
                  pos_head_dim: int, value_head_dim: int, feedforward_dim: int,
-                 cnn_module_kernel: int, reg: Regularisation, layer_skip_rate: float):
+                 cnn_module_kernel: int, reg: Regularisation, downsample: int = 1):
         super().__init__()
         self.reg = reg
-        self.layer_skip_rate = layer_skip_rate
+        # Deeper-downsampled layers are skipped more often: rate * sqrt(ds).
+        self.skip_rate_factor = math.sqrt(downsample)
         self.bypass = BypassModule(embed_dim)
         self.bypass_mid = BypassModule(embed_dim)
         self.self_attn_weights = RelPositionMultiheadAttentionWeights(
             embed_dim, pos_dim, num_heads, query_head_dim, pos_head_dim)
         self.self_attn1 = SelfAttention(embed_dim, num_heads, value_head_dim)
         self.self_attn2 = SelfAttention(embed_dim, num_heads, value_head_dim)
-        self.feed_forward1 = FeedforwardModule(embed_dim, feedforward_dim * 3 // 4, reg.ff_dropout)
-        self.feed_forward2 = FeedforwardModule(embed_dim, feedforward_dim, reg.ff_dropout)
-        self.feed_forward3 = FeedforwardModule(embed_dim, feedforward_dim * 5 // 4, reg.ff_dropout)
+        self.feed_forward1 = FeedforwardModule(embed_dim, feedforward_dim * 3 // 4, reg)
+        self.feed_forward2 = FeedforwardModule(embed_dim, feedforward_dim, reg)
+        self.feed_forward3 = FeedforwardModule(embed_dim, feedforward_dim * 5 // 4, reg)
         self.nonlin_attention = NonlinAttention(embed_dim, embed_dim * 3 // 4)
         self.conv_module1 = ConvolutionModule(embed_dim, cnn_module_kernel)
         self.conv_module2 = ConvolutionModule(embed_dim, cnn_module_kernel)
@@ -426,8 +428,6 @@ class Zipformer2EncoderLayer(nn.Module):
                 key_padding_mask: Tensor | None = None, use_sdpa: bool = False) -> Tensor:
         """x: (T, B, C); time_emb: (B, C) or None; key_padding_mask: (B, T), True = padding."""
         reg, training = self.reg, self.training
-        for ff in (self.feed_forward1, self.feed_forward2, self.feed_forward3):
-            ff.out_proj.dropout_p = reg.ff_dropout
         x0 = x
         # 1. Attention weights from the layer input, before any time embedding.
         attn = self.self_attn_weights(x0, pos_emb, key_padding_mask, use_sdpa, reg)
@@ -457,7 +457,8 @@ class Zipformer2EncoderLayer(nn.Module):
         x = x + sequence_dropout(self.conv_module2(x, key_padding_mask), reg.conv_skip_rate, training)
         x = x + sequence_dropout(self.feed_forward3(x), reg.ff3_skip_rate, training)  # 11.
         x = self.norm(x)  # 12.
-        return self.bypass(x0, x, skip_rate=self.layer_skip_rate if training else 0.0)  # 13.
+        skip_rate = reg.layer_skip_rate * self.skip_rate_factor if training else 0.0
+        return self.bypass(x0, x, skip_rate=skip_rate)  # 13.
 
 
 class Zipformer2Encoder(nn.Module):
@@ -579,8 +580,7 @@ class TTSZipformer(nn.Module):
                 embed_dim=encoder_dim, reg=self.reg, num_heads=num_heads,
                 query_head_dim=query_head_dim, pos_head_dim=pos_head_dim,
                 value_head_dim=value_head_dim, feedforward_dim=feedforward_dim,
-                cnn_module_kernel=cnn_module_kernel[i],
-                layer_skip_rate=self.reg.layer_skip_rate * math.sqrt(ds),
+                cnn_module_kernel=cnn_module_kernel[i], downsample=ds,
             )
             if ds != 1:
                 stack = DownsampledZipformer2Encoder(stack, encoder_dim, ds)
@@ -592,14 +592,6 @@ class TTSZipformer(nn.Module):
                 nn.Linear(time_embed_dim * 2, time_embed_dim),
             )
         self.out_proj = nn.Linear(encoder_dim, out_dim)
-
-    def set_layer_skip_rate(self, rate: float) -> None:
-        """Per-layer skip rate = rate * sqrt(ds) for every stack (rate 0 disables skipping)."""
-        self.reg.layer_skip_rate = rate
-        for stack, ds in zip(self.encoders, self.downsampling_factor):
-            enc = stack.encoder if ds != 1 else stack
-            for layer in enc.layers:
-                layer.layer_skip_rate = rate * math.sqrt(ds)
 
     def embed_time(self, t: Tensor, batch_size: int, dtype: torch.dtype) -> Tensor:
         """t: scalar, (B,) or (B, 1, 1) in [0, 1] -> (B, time_embed_dim) after `time_embed`."""
