@@ -22,7 +22,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from pipeline.backends.llm import Classifier, PromptConfig, Verdict, load_backend
-from pipeline.backends.llm.heuristic import HeuristicClassifier, HeuristicConfig, speaker_reason, turn_stats
+from pipeline.backends.llm.heuristic import HeuristicClassifier, HeuristicConfig, judge, speaker_reason, turn_stats
 from pipeline.backends.llm.transformers import TransformersConfig
 from pipeline.backends.llm.vllm import VllmConfig
 from pipeline.stage import Resources, Stage, StageConfig
@@ -90,10 +90,12 @@ class ClassificationStage(Stage):
                 st = turn_stats(dict(row, turns=turns), self.config.heuristic)
                 why = speaker_reason(st, self.config.heuristic)
                 if why:
-                    return self._result(row, "rejected", f"not_dialogue: {why}", self.heuristic, score=0.0,
+                    score, _ = judge(st, self.config.heuristic)
+                    return self._result(row, "rejected", f"not_dialogue: {why}", self.heuristic, score=score,
                                         answer=json.dumps(asdict(st)))
         elif row.get("turns") is None:
-            return self._failed(row, "classification needs the diarization 'turns': run the diarization stage before it")
+            return self._failed(row, "classification needs the diarization 'turns': "
+                                     "run the diarization stage before it")
         return None
 
     def _apply(self, row: dict, v: Verdict, backend: Classifier) -> dict:

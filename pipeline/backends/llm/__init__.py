@@ -76,7 +76,8 @@ class PromptConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    max_chars: int = Field(4000, ge=200, description="characters of transcript lines shown (about 1000 tokens); the rest is cut")
+    max_chars: int = Field(4000, ge=200,
+                           description="characters of transcript lines shown (about 1000 tokens); the rest is cut")
     max_turns: int = Field(200, ge=2, description="turns shown at most")
     timing: bool = Field(False, description="prefix each turn with its [start-end] seconds")
 
@@ -130,7 +131,7 @@ def neutralise(text: str, special_tokens: Iterable[str] = ()) -> str:
     text = text.translate(_ESCAPES)
     tokens = [t for t in special_tokens if t]
     changed = True
-    while changed:  # removing one token may join the pieces of another: repeat until none is left
+    while changed:  # until none is left, whatever a replacement leaves next to it
         changed = False
         for t in tokens:
             if t in text:
@@ -235,8 +236,10 @@ def parse_answer(text: str) -> tuple[float, bool]:
         obj = json.loads(s)
     except json.JSONDecodeError as e:
         raise AnswerError(f"invalid JSON ({e.msg})") from None
-    if not isinstance(obj, dict) or set(obj) != {"dialogue", "confidence"}:
-        raise AnswerError(f"JSON keys must be exactly dialogue, confidence; got {sorted(obj) if isinstance(obj, dict) else type(obj).__name__}")
+    if not isinstance(obj, dict):
+        raise AnswerError(f"expected a JSON object, got {type(obj).__name__}")
+    if set(obj) != {"dialogue", "confidence"}:
+        raise AnswerError(f"JSON keys must be exactly dialogue, confidence; got {sorted(obj)}")
     said, conf = obj["dialogue"], obj["confidence"]
     if not isinstance(said, bool):
         raise AnswerError(f"'dialogue' must be true or false, got {said!r}")

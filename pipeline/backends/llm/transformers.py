@@ -46,8 +46,10 @@ class TransformersConfig(BaseModel):
     model: str = Field("Qwen/Qwen2.5-0.5B-Instruct", description="hub id or local directory of a causal LM")
     mode: Literal["score", "generate"] = Field("score", description="score yes/no by log-likelihood, or generate JSON")
     batch_size: int = Field(4, ge=1, description="prompts per forward pass")
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="auto: float32 on CPU, bfloat16 on GPU")
-    min_label_mass: float = Field(0.05, ge=0, lt=1, description="score mode: least probability on yes/no for a usable answer")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="auto: float32 on CPU, bfloat16 on GPU")
+    min_label_mass: float = Field(
+        0.05, ge=0, lt=1, description="score mode: least probability on yes/no for a usable answer")
     max_new_tokens: int = Field(32, ge=4, description="generate mode: answer length limit")
 
 
@@ -132,15 +134,20 @@ class TransformersClassifier:
             mask[i, n - len(s):] = 1
         return input_ids.to(self.device), mask.to(self.device)
 
-    def _logprobs(self, seqs: list[list[int]]):
-        """Log-softmax over the vocabulary at every position, [batch, length, vocab] (left-padded)."""
+    def _logprobs(self, seqs: list[list[int]], keep: int):
+        """Log-softmax over the vocabulary at the last ``keep`` positions, [batch, keep, vocab].
+        Only those logits are computed: with a 150k vocabulary, all of them would be gigabytes."""
         import torch
 
         input_ids, mask = self._pad(seqs)
         position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+        inputs = dict(input_ids=input_ids, attention_mask=mask, position_ids=position_ids)
         with torch.inference_mode():
-            logits = self.lm(input_ids=input_ids, attention_mask=mask, position_ids=position_ids).logits
-        return torch.log_softmax(logits.float(), dim=-1)
+            try:
+                logits = self.lm(**inputs, logits_to_keep=keep).logits
+            except TypeError:  # an architecture without logits_to_keep
+                logits = self.lm(**inputs).logits
+        return torch.log_softmax(logits[:, -keep:].float(), dim=-1)
 
     def continuation_logprobs(self, prompts: list[list[int]], conts: list[tuple[int, ...]],
                               single_pass: bool | None = None) -> list[list[float]]:
@@ -149,18 +156,19 @@ class TransformersClassifier:
         if single_pass is None:
             single_pass = all(len(c) == 1 for c in conts)
         if single_pass:
-            lp = self._logprobs(prompts)[:, -1, :]
+            lp = self._logprobs(prompts, 1)[:, -1, :]
             return [[float(lp[i, c[0]]) for c in conts] for i in range(len(prompts))]
         seqs = [p + list(c) for p in prompts for c in conts]
-        lp = self._logprobs(seqs)
-        width = lp.shape[1]
+        keep = max(len(c) for c in conts) + 1
+        lp = self._logprobs(seqs, keep)
         out: list[list[float]] = []
-        for i, p in enumerate(prompts):
+        for i in range(len(prompts)):
             row = []
             for j, c in enumerate(conts):
+                # The continuation is the right end of its left-padded row: its k-th token is
+                # predicted by the logits len(c) - k positions from the end.
                 s = i * len(conts) + j
-                start = width - len(c)  # the continuation is the right end of the left-padded row
-                row.append(sum(float(lp[s, start + k - 1, tok]) for k, tok in enumerate(c)))
+                row.append(sum(float(lp[s, keep - 1 - len(c) + k, tok]) for k, tok in enumerate(c)))
             out.append(row)
         return out
 
@@ -187,8 +195,9 @@ class TransformersClassifier:
         from transformers import GenerationConfig
 
         # A fresh config: the model's own may sample or carry a repetition penalty (Qwen's does).
+        eos = self.lm.generation_config.eos_token_id or self.tokenizer.eos_token_id
         gen = GenerationConfig(do_sample=False, max_new_tokens=self.config.max_new_tokens,
-                               pad_token_id=self.pad_id, eos_token_id=self.lm.generation_config.eos_token_id or self.tokenizer.eos_token_id)
+                               pad_token_id=self.pad_id, eos_token_id=eos)
         input_ids, mask = self._pad(batch)
         with torch.inference_mode():
             out = self.lm.generate(input_ids=input_ids, attention_mask=mask, generation_config=gen)
