@@ -385,3 +385,25 @@ def test_decoder_ignores_padding_content_beyond_downsample_groups():
         c = dec(x2, torch.tensor([0.4]), None)[:, :L]
     assert torch.allclose(a, b, atol=1e-10)
     assert not torch.allclose(a, c, atol=1e-4)
+
+
+def test_constant_attention_and_layer_skip_in_training():
+    reg = Regularisation.off()
+    model = tiny(regularisation=reg)
+    stack = model.fm_decoder.encoders[0]  # an unwrapped stack (ds = 1)
+    T, B = 9, 2
+    x = torch.randn(T, B, 32)
+    mask = torch.arange(T)[None] >= torch.tensor([[9], [5]])
+    pos = compact_rel_pos_table(T, 16)
+    reg.const_attention_rate = 1.0
+    attn = stack.layers[0].self_attn_weights.train()(x, pos, mask, reg=reg)
+    w = attn.const_head0[0]  # uniform over the unmasked keys of each sequence
+    assert torch.allclose(w[0], torch.full((T, T), 1 / 9))
+    assert torch.allclose(w[1, :, :5], torch.full((T, 5), 1 / 5)) and torch.all(w[1, :, 5:] == 0)
+    reg.const_attention_rate = 0.0
+    reg.layer_skip_rate = 1.0  # every layer skipped: an unwrapped stack returns its input
+    stack.train()
+    with torch.no_grad():
+        assert torch.equal(stack(x, torch.randn(B, 16), mask), x)
+        stack.eval()
+        assert not torch.allclose(stack(x, torch.randn(B, 16), mask), x)
