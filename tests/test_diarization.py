@@ -1,0 +1,258 @@
+"""Diarization stage: turn bookkeeping, config, both backends' loaders, embedded accuracy on
+generated dialogues with exact truth, and the stage inside the pipeline (embedded and pyannote)."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pipeline import manifests
+from pipeline.backends.diarization import (Diarization, exclusive_turns, merge_turns, overlap_regions,
+                                           row_fields)
+from pipeline.backends.diarization.embedded import EmbeddedDiarizer, EmbeddedSettings
+from pipeline.backends.diarization.pyannote import (PyannoteDiarizer, PyannoteSettings, output_to_diarization,
+                                                    write_random_pipeline)
+from pipeline.backends.hub import ModelNotFound
+from pipeline.config import ConfigError, parse_config
+from pipeline.stage import StageContext
+from pipeline.stages.diarization import DiarizationStage
+from pipeline.stages.vad import SileroOnnx, VadConfig, speech_spans
+from pipeline.synth import Truth, synth_dialogue, synth_meeting, synth_monologue, write_clip
+
+warnings.filterwarnings("ignore", category=UserWarning)
+
+
+def der(truth: Truth, turns: list[dict]) -> float:
+    from pyannote.core import Annotation, Segment, Timeline
+    from pyannote.metrics.diarization import DiarizationErrorRate
+
+    ref, hyp = Annotation(), Annotation()
+    for i, t in enumerate(truth.turns):
+        ref[Segment(t.start, t.end), i] = t.speaker
+    for i, t in enumerate(turns):
+        hyp[Segment(t["start"], t["end"]), i] = t["speaker"]
+    metric = DiarizationErrorRate(collar=0.0, skip_overlap=False)
+    return metric(ref, hyp, uem=Timeline([Segment(0, truth.duration)]))
+
+
+# --------------------------------------------------------------------------- turn bookkeeping
+
+
+def test_row_fields_overlaps_exclusive_and_label_order():
+    turns = [(7.0, 8.0, "b"), (4.0, 6.0, "a"), (0.0, 5.0, "b"), (5.9, 6.0, "a")]
+    f = row_fields(Diarization(turns))
+    # Labels by first appearance: "b" speaks first.
+    assert [t["speaker"] for t in f["turns"]] == ["SPEAKER_00", "SPEAKER_01", "SPEAKER_00"]
+    assert [(t["start"], t["end"]) for t in f["turns"]] == [(0.0, 5.0), (4.0, 6.0), (7.0, 8.0)]
+    assert f["overlaps"] == [{"start": 4.0, "end": 5.0}]
+    # The overlapped second stays with the turn that began first.
+    assert [(t["start"], t["end"], t["speaker"]) for t in f["exclusive_turns"]] == [
+        (0.0, 5.0, "SPEAKER_00"), (5.0, 6.0, "SPEAKER_01"), (7.0, 8.0, "SPEAKER_00")]
+    assert f["num_speakers"] == 2
+    assert f["speaker_durations"] == [{"speaker": "SPEAKER_00", "duration": 6.0},
+                                      {"speaker": "SPEAKER_01", "duration": 2.0}]
+    assert f["overlap_ratio"] == pytest.approx(1.0 / 7.0, abs=1e-3)
+
+
+def test_merge_and_overlap_helpers():
+    assert merge_turns([(0, 1, "a"), (1.2, 2, "a"), (2.1, 3, "b")], gap=0.3) == [(0, 2, "a"), (2.1, 3, "b")]
+    assert merge_turns([(0, 1, "a"), (1.5, 2, "a")], gap=0.3) == [(0, 1, "a"), (1.5, 2, "a")]
+    three = [(0, 4, "a"), (1, 3, "b"), (2, 5, "c")]
+    assert overlap_regions(three) == [(1, 4)]
+    excl = exclusive_turns(three)
+    assert excl == [(0, 4, "a"), (4, 5, "c")]
+    assert all(x[1] <= y[0] for x, y in zip(excl, excl[1:]))
+
+
+def test_pyannote_output_kinds():
+    from pyannote.audio.pipelines.speaker_diarization import DiarizeOutput
+    from pyannote.core import Annotation, Segment
+
+    ann = Annotation()
+    ann[Segment(0, 4)] = "SPEAKER_01"
+    ann[Segment(3, 6)] = "SPEAKER_00"
+    excl = Annotation()
+    excl[Segment(0, 3.5)] = "SPEAKER_01"
+    excl[Segment(3.5, 6)] = "SPEAKER_00"
+    new = row_fields(output_to_diarization(DiarizeOutput(ann, excl)))
+    # pyannote's own exclusive turns are kept (3.5 s split, not the first-started rule's 4 s).
+    assert [(t["start"], t["end"], t["speaker"]) for t in new["exclusive_turns"]] == [
+        (0.0, 3.5, "SPEAKER_00"), (3.5, 6.0, "SPEAKER_01")]
+    assert new["overlaps"] == [{"start": 3.0, "end": 4.0}]
+    legacy = row_fields(output_to_diarization(ann))
+    assert legacy["turns"] == new["turns"]
+    assert [(t["start"], t["end"]) for t in legacy["exclusive_turns"]] == [(0.0, 4.0), (4.0, 6.0)]
+    with pytest.raises(TypeError, match="unexpected pyannote pipeline output"):
+        output_to_diarization([1, 2])
+
+
+# --------------------------------------------------------------------------- config and loaders
+
+
+def _cfg(tmp: Path, diar: dict, **extra) -> dict:
+    return {"run": {"output": str(tmp / "out"), "progress": False, "report": {"enabled": False}},
+            "stages": {"ingest": {}, "vad": {}, "diarization": diar, **extra}}
+
+
+def test_config_validation(tmp_path):
+    cfg = parse_config(_cfg(tmp_path, {}))
+    spec = cfg.stages[-1]
+    assert spec.config.backend == "embedded" and spec.config.embedded.window == 1.5
+    assert spec.config.pyannote.model == "pyannote/speaker-diarization-community-1"
+    assert spec.config.pyannote.token_env == "HF_TOKEN"
+    bad = [({"embedded": {"windw": 2.0}}, "stages.diarization.embedded.windw: unknown key"),
+           ({"embedded": {"window": 1.0, "hop": 2.0}}, "hop (2.0) must not exceed window"),
+           ({"min_speakers": 3, "max_speakers": 2}, "min_speakers (3) exceeds max_speakers (2)"),
+           ({"backend": "nemo"}, "stages.diarization.backend"),
+           ({"pyannote": {"model": "x", "tokn": 1}}, "stages.diarization.pyannote.tokn: unknown key")]
+    for section, msg in bad:
+        with pytest.raises(ConfigError, match=msg.replace("(", r"\(").replace(")", r"\)")):
+            parse_config(_cfg(tmp_path, section))
+
+
+def test_pyannote_loader_errors(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ModelNotFound, match=r"not found locally and the hub is unreachable.*HF_TOKEN"):
+        PyannoteDiarizer(PyannoteSettings(model="pyannote/speaker-diarization-community-1"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match=r"empty: not a pyannote pipeline directory \(no config.yaml\)"):
+        PyannoteDiarizer(PyannoteSettings(model=str(tmp_path / "empty")))
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "config.yaml").write_text("pipeline:\n  name: pyannote.audio.pipelines.NoSuchPipeline\n")
+    with pytest.raises(ValueError, match=r"broken/config.yaml: cannot load the pyannote pipeline"):
+        PyannoteDiarizer(PyannoteSettings(model=str(tmp_path / "broken")))
+
+
+# --------------------------------------------------------------------------- embedded accuracy
+
+
+@pytest.fixture(scope="module")
+def embedded():
+    return EmbeddedDiarizer(EmbeddedSettings())
+
+
+@pytest.fixture(scope="module")
+def vad():
+    model = SileroOnnx()
+    return lambda path, duration: speech_spans(model.probabilities([str(path)])[0], duration, VadConfig())
+
+
+def _diarize(tmp: Path, name: str, clip, embedded, vad) -> tuple[dict, Truth]:
+    path = tmp / f"{name}.wav"
+    write_clip(clip, path)
+    speech = vad(path, clip.truth.duration)
+    return row_fields(embedded.diarize(str(path), speech, clip.truth.duration, 1, 4)), clip.truth
+
+
+def test_embedded_clean_dialogues_der_under_10_percent(tmp_path, embedded, vad):
+    ders = []
+    for seed in (21, 22, 23):
+        fields, truth = _diarize(tmp_path, f"clean{seed}", synth_dialogue(seed, duration=30.0), embedded, vad)
+        assert fields["num_speakers"] == 2, (seed, fields["speaker_durations"])
+        assert fields["overlaps"] == [] and fields["exclusive_turns"] == fields["turns"]
+        ders.append(der(truth, fields["turns"]))
+    assert np.mean(ders) < 0.10, ders
+    assert max(ders) < 0.15, ders
+
+
+def test_embedded_counts_speakers(tmp_path, embedded, vad):
+    for seed in (31, 32):
+        fields, _ = _diarize(tmp_path, f"mono{seed}", synth_monologue(seed, duration=25.0), embedded, vad)
+        assert fields["num_speakers"] == 1, (seed, fields["speaker_durations"])
+    # Back-channels (some inside the other's turn) and overlapped turn changes: still two voices.
+    clip = synth_dialogue(33, duration=30.0, backchannel_prob=0.6, overlap_prob=0.3)
+    assert any(t.is_backchannel for t in clip.truth.turns) and any(t.overlap for t in clip.truth.turns)
+    fields, truth = _diarize(tmp_path, "bc", clip, embedded, vad)
+    assert fields["num_speakers"] == 2
+    assert der(truth, fields["turns"]) < 0.2
+    fields, truth = _diarize(tmp_path, "meeting", synth_meeting(34, duration=50.0, n_speakers=3), embedded, vad)
+    assert fields["num_speakers"] == 3, fields["speaker_durations"]
+    assert der(truth, fields["turns"]) < 0.15
+
+
+def test_embedded_bounds_and_short_input(tmp_path, embedded, vad):
+    clip = synth_dialogue(41, duration=20.0)
+    path = tmp_path / "d.wav"
+    write_clip(clip, path)
+    speech = vad(path, clip.truth.duration)
+    one = row_fields(embedded.diarize(str(path), speech, clip.truth.duration, 1, 1))
+    assert one["num_speakers"] == 1
+    three = row_fields(embedded.diarize(str(path), speech, clip.truth.duration, 3, 4))
+    assert three["num_speakers"] >= 2  # at least 3 clusters; voting may leave one without frames
+    # A single span shorter than one window still gets a speaker; spans outside the file are cut.
+    tiny = row_fields(embedded.diarize(str(path), [(speech[0][0], speech[0][0] + 0.6), (25.0, 30.0)],
+                                       clip.truth.duration, 1, 4))
+    assert tiny["num_speakers"] == 1 and tiny["turns"][-1]["end"] <= clip.truth.duration
+
+
+def test_stage_rejects_and_fails_per_row(tmp_path):
+    clip = synth_dialogue(51, n_turns=3)
+    path = tmp_path / "d.wav"
+    write_clip(clip, path)
+    cfg = DiarizationStage.Config(min_speech=2.0)
+    stage = DiarizationStage(cfg, StageContext("diarization", tmp_path))
+    rows = [
+        {"recording_id": "ok", "audio_path": str(path), "duration": clip.truth.duration,
+         "speech": [{"start": t.start, "end": t.end} for t in clip.truth.turns]},
+        {"recording_id": "short", "audio_path": str(path), "duration": clip.truth.duration,
+         "speech": [{"start": 0.5, "end": 1.5}]},
+        {"recording_id": "gone", "audio_path": str(tmp_path / "missing.wav"), "duration": 10.0,
+         "speech": [{"start": 0.0, "end": 5.0}]},
+    ]
+    out = {r["recording_id"]: r for r in stage.process(rows)}
+    assert out["ok"]["status"] == "ok" and out["ok"]["num_speakers"] == 2
+    assert out["short"]["status"] == "rejected" and out["short"]["reason"].startswith("no_speech: 1.00 s")
+    assert out["short"]["turns"] == []
+    assert out["gone"]["status"] == "failed" and "missing.wav" in out["gone"]["reason"]
+    table = manifests.to_table("diarization", list(out.values()))
+    assert table.num_rows == 3
+
+
+# --------------------------------------------------------------------------- inside the pipeline
+
+
+def test_pipeline_embedded_and_pyannote(tmp_path, ray_local):
+    inp = tmp_path / "in"
+    inp.mkdir()
+    dialogue = synth_dialogue(61, duration=20.0, overlap_prob=0.3)
+    write_clip(dialogue, inp / "dialogue.wav", tmp_path / "dialogue.json")
+    write_clip(synth_monologue(62, duration=12.0), inp / "monologue.flac", tmp_path / "monologue.json")
+    write_clip(synth_monologue(63, n_sentences=1), inp / "short.wav", tmp_path / "short.json")
+    # Seed 1: the biased random segmentation and VBx then find two speakers and some overlap.
+    pdir = write_random_pipeline(tmp_path / "pyannote_random", "tiny", seed=1)
+    cfg = parse_config(_cfg(tmp_path, {"backend": "embedded", "min_speech": 4.0},
+                            diarization_pyannote={"uses": "diarization", "backend": "pyannote",
+                                                  "pyannote": {"model": str(pdir), "batch_size": 8}}))
+    from pipeline.runner import run_pipeline
+
+    res = run_pipeline(cfg, inp)
+    ledger = {Path(r["source_path"]).name: r for r in res.ledger.to_pylist()}
+    rid = {name: r["recording_id"] for name, r in ledger.items()}
+    emb = {r["recording_id"]: r for r in manifests.read_manifest(res.output, "diarization").to_pylist()}
+    assert emb[rid["short.wav"]]["status"] == "rejected"
+    assert emb[rid["short.wav"]]["reason"].startswith("no_speech")
+    assert ledger["short.wav"]["stage"] == "diarization"
+    d = emb[rid["dialogue.wav"]]
+    assert d["status"] == "ok" and d["num_speakers"] == 2
+    assert der(dialogue.truth, d["turns"]) < 0.2
+    assert emb[rid["monologue.flac"]]["num_speakers"] == 1
+
+    # The pyannote backend, loaded from a local directory the way users load one, ran on the
+    # recordings the embedded section passed; random weights, so only the structure is checked.
+    pya = {r["recording_id"]: r for r in manifests.read_manifest(res.output, "diarization_pyannote").to_pylist()}
+    assert set(pya) == {rid["dialogue.wav"], rid["monologue.flac"]}
+    for r in pya.values():
+        assert r["status"] == "ok", r["reason"]
+        turns = [(t["start"], t["end"], t["speaker"]) for t in r["turns"]]
+        excl = [(t["start"], t["end"], t["speaker"]) for t in r["exclusive_turns"]]
+        assert turns and excl and r["num_speakers"] == len({s for _, _, s in turns})
+        assert all(a[1] <= b[0] + 1e-6 for a, b in zip(excl, excl[1:]))  # exclusive: no overlap
+        assert turns[0][2] == "SPEAKER_00"
+        expected = overlap_regions(turns)
+        assert len(r["overlaps"]) == len(expected)
+        assert all(abs(o["start"] - a) < 2e-3 and abs(o["end"] - b) < 2e-3 for o, (a, b) in zip(r["overlaps"], expected))
+        assert 0.0 <= r["overlap_ratio"] <= 1.0
+    assert any(r["overlaps"] for r in pya.values())  # the biased random model makes overlaps
