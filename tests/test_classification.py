@@ -141,6 +141,10 @@ def test_heuristic_gates_and_score():
     # One hand-over: two speakers, but no exchange.
     st, score, reasons = verdict(_turns(("A", 0, 30), ("B", 31, 60)), duration=61.0)
     assert score < 0.5 and any("speaker alternations" in r for r in reasons)
+    # A monologue that diarization split once (seen with the embedded diarization): A, "B", A.
+    st, score, reasons = verdict(_turns(("A", 0, 5), ("B", 5.2, 7.3), ("A", 7.5, 12)), duration=14.0)
+    assert st.main_speakers == 2 and st.alternations == 2 and score < 0.5
+    assert reasons == ["2 speaker alternations < min_alternations 4"]
     # A listener's short back-channels do not make a second main speaker.
     bc = _turns(*[("A", 10.0 * i, 10.0 * i + 9.5) for i in range(6)],
                 *[("B", 10.0 * i + 9.6, 10.0 * i + 9.9) for i in range(5)])

@@ -20,7 +20,7 @@ Gates (config, defaults in ``HeuristicConfig``): the number of main speakers in
 overlap ratio <= max_overlap_ratio, speech ratio >= min_speech_ratio. Each failed gate is a reason.
 
 Score, in 0..1: ``0.5 * (every gate passes) + 0.5 * mean(q)`` over six qualities, each 0..1:
-speakers (1 when its gate passes), alternations / 6, balance / 0.5, turn rate / (6 per minute),
+speakers (1 when its gate passes), alternations / 10, balance / 0.5, turn rate / (6 per minute),
 1 - overlap ratio / max_overlap_ratio, speech ratio / 0.6 (each capped at 1, and 0 when its own gate
 fails). So a recording that passes the gates scores at least 0.5 (the stage's default threshold)
 and one that fails any gate scores below 0.5; a threshold above 0.5 asks for stronger evidence
@@ -38,7 +38,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pipeline.backends.llm import Verdict
 
 # Values at which a quality reaches 1 (a clearly conversational recording).
-GOOD_ALTERNATIONS = 6
+GOOD_ALTERNATIONS = 10
 GOOD_BALANCE = 0.5
 GOOD_TURN_RATE = 6.0  # speaker changes per minute of speech
 GOOD_SPEECH_RATIO = 0.6
@@ -50,7 +50,9 @@ class HeuristicConfig(BaseModel):
     min_speakers: int = Field(2, ge=1, description="main speakers wanted at least")
     max_speakers: int = Field(2, ge=1, description="main speakers wanted at most")
     min_speaker_share: float = Field(0.1, ge=0, lt=0.5, description="share of talk time that makes a main speaker")
-    min_alternations: int = Field(2, ge=0, description="speaker changes between main speakers")
+    # Two exchanges back and forth (A B A B A) at least: a monologue that diarization splits
+    # shows one or two stray changes, a real conversation of a minute or more shows dozens.
+    min_alternations: int = Field(4, ge=0, description="speaker changes between main speakers")
     min_turn_rate: float = Field(1.0, ge=0, description="speaker changes per minute of speech")
     max_overlap_ratio: float = Field(0.3, gt=0, le=1, description="share of speech with overlapping speakers")
     min_speech_ratio: float = Field(0.2, ge=0, le=1, description="speech / recording duration")
