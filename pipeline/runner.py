@@ -16,6 +16,7 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import json
+import math
 import logging
 import os
 import time
@@ -325,7 +326,8 @@ def _build(rows: list[dict], cfg: PipelineConfig, output: Path, local: bool):
     for i, spec in enumerate(cfg.stages):
         res = spec.resources
         if scale < 1:
-            res = res.model_copy(update={"num_cpus": round(res.num_cpus * scale, 3)})
+            # Round down: a sum of requests just above the total would never be scheduled.
+            res = res.model_copy(update={"num_cpus": math.floor(res.num_cpus * scale * 1000) / 1000})
             spec = StageSpec(spec.name, spec.cls, spec.config, res, spec.fingerprint)
         w = _WorkerSpec(spec, i, cfg.stages[i - 1].name if i else None, output, i == n - 1)
         common = dict(batch_size=res.batch_size, batch_format="pyarrow", num_cpus=res.num_cpus, zero_copy_batch=False)
