@@ -1,12 +1,13 @@
 """ASR: the speaker-attributed transcript of each recording (what the dialogue classifier reads).
 
-Turns are the diarization ``turns`` [{start, end, speaker}]. Without a diarization stage before
-this one (the row has no ``turns``), each VAD span of ``speech`` is one turn of speaker
+Turns are the diarization ``turns`` [{start, end, speaker}] (overlapping turns are each
+transcribed in full, so words said in an overlap may appear in both). Without a diarization stage
+before this one (the row has no ``turns``), each VAD span of ``speech`` is one turn of speaker
 ``SPEAKER_00``.
 
 A turn longer than the model window (30 s for Whisper; ``max_chunk_seconds``) is cut into
 pieces: each cut lies in the second half of the window, in the middle of the longest VAD pause
-there, else at the quietest 10 ms frame of that stretch of audio. The pieces of all recordings of
+there, else at the point of lowest short-time energy of that stretch of audio. The pieces of all recordings of
 a batch are transcribed together, several per model call, grouped by backend and language; a
 turn's text is its pieces' texts joined.
 
@@ -16,7 +17,8 @@ Language (``language_id``):
   window of each turn. The recording's distribution is the duration-weighted mean over its turns:
   its argmax is ``language``, its value ``language_probability``. A turn keeps its own language
   when it is at least 1 s long and its probability reaches ``turn_language_threshold``; otherwise
-  it takes the recording's (one-word back-channels are unreliable evidence).
+  it takes the recording's (one-word back-channels are unreliable evidence). This costs one
+  encoder pass per turn on top of transcription.
 Each turn is transcribed by ``backends[language]``, else ``backends.default`` (the paper: English
 to Whisper, Chinese to Paraformer). Recordings whose language is not in ``languages`` (when set)
 are rejected before transcription.
