@@ -15,6 +15,7 @@ Every segment text starts with [S1] and alternates; [S1] is whoever speaks first
 
 from __future__ import annotations
 
+import re
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -32,6 +33,7 @@ from pipeline.segmentation import (
 from pipeline.stage import Resources, Stage, StageConfig
 
 CJK_LANGS = {"zh", "ja", "yue"}
+_SPECIAL = re.compile(r"<\|[^|>]*\|>")
 
 
 class WhisperDConfig(BaseModel):
@@ -43,7 +45,7 @@ class WhisperDConfig(BaseModel):
     processor: str | None = Field("openai/whisper-large-v2", description="processor (tokenizer + features) when the model folder lacks one")
     batch_size: int = Field(8, ge=1)
     fp16: bool = True
-    max_new_tokens: int = Field(440, ge=16, le=448)
+    max_new_tokens: int | None = Field(None, ge=1, le=444, description="null: up to the model's limit")
 
 
 class SegmentsConfig(StageConfig):
@@ -119,18 +121,20 @@ class SegmentStage(Stage):
 
     def _backend(self, language: str):
         if language not in self._whisperd:
-            from pipeline.backends.asr.hf_whisper import load_whisperd
+            from pipeline.backends.asr import load_backend
 
             w = self.config.whisperd
-            self._whisperd[language] = load_whisperd(
-                w.models[language], processor=w.processor, device=self.ctx.device, fp16=w.fp16,
-                batch_size=w.batch_size, max_new_tokens=w.max_new_tokens)
+            options = {"model": w.models[language], "processor": w.processor, "batch_size": w.batch_size,
+                       "fp16": w.fp16, "max_new_tokens": w.max_new_tokens}
+            self._whisperd[language] = load_backend("hf-whisper", options, device=self.ctx.device,
+                                                    num_threads=self.ctx.num_threads)
         return self._whisperd[language]
 
     def _whisperd_segments(self, row: dict, chunks: list[Chunk], language: str) -> list[dict]:
         backend = self._backend(language)
         audio = [read_span(row["audio_path"], c.start, c.end)[0] for c in chunks]
-        texts = backend.transcribe_raw(audio, language=language)
+        # The raw decoding keeps WhisperD's [S1]/[S2] even where they are special tokens.
+        texts = [_SPECIAL.sub(" ", t.raw) for t in backend.transcribe(audio, language=language)]
         speech = [(s["start"], s["end"]) for s in row.get("speech") or []]
         diar = [(t["start"], t["end"], t["speaker"]) for t in row.get("turns") or []]
         sep = "" if language in CJK_LANGS else " "
