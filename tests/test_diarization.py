@@ -114,6 +114,9 @@ def test_config_validation(tmp_path):
 
 
 def test_pyannote_loader_errors(tmp_path, monkeypatch):
+    from pyannote.audio.telemetry.metrics import is_metrics_enabled
+
+    assert not is_metrics_enabled()  # no usage reports leave a pipeline worker by default
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(ModelNotFound, match=r"not found locally and the hub is unreachable.*HF_TOKEN"):
         PyannoteDiarizer(PyannoteSettings(model="pyannote/speaker-diarization-community-1"))

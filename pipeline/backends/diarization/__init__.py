@@ -112,7 +112,7 @@ def union_duration(turns: list[Turn]) -> float:
 def relabel(d: Diarization) -> Diarization:
     """Speakers renamed SPEAKER_00, SPEAKER_01, ... in order of first appearance."""
     order: dict[str, str] = {}
-    for _, _, spk in sorted(d.turns):
+    for _, _, spk in sorted(d.turns) + sorted(d.exclusive_turns or []):
         order.setdefault(spk, f"SPEAKER_{len(order):02d}")
     name = lambda ts: [(a, b, order[s]) for a, b, s in ts] if ts is not None else None  # noqa: E731
     return Diarization(name(d.turns), name(d.exclusive_turns))

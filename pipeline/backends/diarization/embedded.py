@@ -1,17 +1,27 @@
 """Offline diarization from VAD spans and resemblyzer speaker embeddings.
 
-Speech spans are cut into short overlapping windows, each window gets a GE2E speaker embedding
-(resemblyzer's `VoiceEncoder`, whose weights ship in the pip package), the windows are clustered
-by agglomerative clustering on cosine distance (the number of speakers is where merging stops,
-bounded by min/max speakers), and turns are rebuilt frame by frame from the windows covering each
-10 ms frame. One speaker per window: overlapped speech goes to one of the speakers, so this
-backend reports no overlaps.
+1. Speech spans (from VAD) are cut into short overlapping windows (default 1.5 s, hop 0.75 s;
+   a shorter span is one window) and each window gets a GE2E speaker embedding from
+   resemblyzer's `VoiceEncoder`, whose weights ship in the pip package.
+2. The windows are clustered by spectral clustering whose number of speakers is the largest
+   eigengap (NME-SC), bounded by min/max speakers; K = 1 is a possible answer. Speakers whose
+   centroids are closer than ``threshold`` (cosine similarity) are then merged: the 1-vs-2 check
+   that keeps a monologue one speaker.
+3. Turns are rebuilt frame by frame (10 ms): each frame goes to the speaker whose centroid the
+   windows covering it resemble most on average; speaker changes shorter than ``min_turn``
+   inside a speech span are smoothed away, and same-speaker turns at most ``merge_gap`` apart
+   are joined.
+
+One speaker per window: overlapped speech goes to one of the speakers, so this backend reports
+no overlaps (its exclusive turns are its turns). Back-channels inside another speaker's turn are
+mostly absorbed by that turn.
 """
 
 from __future__ import annotations
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+from threadpoolctl import threadpool_limits
 
 from pipeline.audio import read_span
 from pipeline.backends.diarization import Diarization, Turn, merge_turns
@@ -31,7 +41,7 @@ class EmbeddedSettings(BaseModel):
 
     window: float = Field(1.5, ge=0.5, le=6.0, description="seconds of speech behind one speaker embedding")
     hop: float = Field(0.75, gt=0, description="seconds between window starts (at most window)")
-    threshold: float = Field(0.88, gt=0, lt=1, description="speakers whose centroids have a higher cosine similarity are merged (lower finds fewer speakers)")
+    threshold: float = Field(0.88, gt=0, le=1, description="speakers whose centroids have a higher cosine similarity are merged (lower finds fewer speakers; 1 never merges)")
     min_turn: float = Field(0.5, ge=0, description="seconds; a shorter speaker change inside one speech span is smoothed away")
     merge_gap: float = Field(0.3, ge=0, description="seconds; same-speaker turns at most this far apart are joined")
     batch_size: int = Field(64, ge=1, description="windows per encoder call")
@@ -71,6 +81,7 @@ class EmbeddedDiarizer:
         from resemblyzer import VoiceEncoder
 
         self.s = settings or EmbeddedSettings()
+        self.num_threads = num_threads
         self.torch = torch
         self.device = device
         self.encoder = VoiceEncoder(device, verbose=False)
@@ -154,11 +165,14 @@ class EmbeddedDiarizer:
         x = emb[reliable].astype(np.float64)
         hi = max(1, min(max_speakers or MAX_SPEAKERS, len(x)))
         lo = max(1, min(min_speakers, hi))
-        if len(x) >= MIN_SPECTRAL:
-            labels = spectral_clusters(x, lo, hi)
-        else:  # too few windows for a graph: every window starts as its own speaker
-            labels = np.arange(len(x))
-        return merge_close(x, labels, self.s.threshold, lo)
+        # OpenBLAS reads its thread count once at import, before the runner limits threads:
+        # limit it here, as oversubscribed BLAS threads make the eigensolver 20x slower.
+        with threadpool_limits(self.num_threads):
+            if len(x) >= MIN_SPECTRAL:
+                labels = spectral_clusters(x, lo, hi)
+            else:  # too few windows for a graph: every window starts as its own speaker
+                labels = np.arange(len(x))
+            return merge_close(x, labels, self.s.threshold, lo)
 
     # ------------------------------------------------------------------ turns
     def diarize(self, audio_path: str, speech: list[tuple[float, float]], duration: float,
@@ -205,27 +219,33 @@ def spectral_clusters(x: np.ndarray, min_k: int, max_k: int) -> np.ndarray:
     n = len(x)
     sim = np.clip(x @ x.T, 0.0, 1.0)
     order = np.argsort(-sim, axis=1)
-    best = None
-    for p in np.unique(np.linspace(2, max(2, n // 2), min(P_CANDIDATES, max(1, n // 2 - 1))).astype(int)):
+    top_k = min(max_k, n - 1)
+
+    def laplacian(p: int) -> np.ndarray:
         keep = np.zeros_like(sim)
         np.put_along_axis(keep, order[:, :p], 1.0, axis=1)
         a = sim * keep
         a = (a + a.T) / 2
         np.fill_diagonal(a, 0.0)
-        lap = np.diag(a.sum(1)) - a
-        ev, vec = eigh(lap, subset_by_index=[0, min(max_k, n - 1)])
-        top = eigh(lap, eigvals_only=True, subset_by_index=[n - 1, n - 1])[0]
+        return np.diag(a.sum(1)) - a
+
+    best = None
+    for p in np.unique(np.linspace(2, max(2, n // 2), min(P_CANDIDATES, max(1, n // 2 - 1))).astype(int)):
+        lap = laplacian(p)
+        ev = eigh(lap, eigvals_only=True, subset_by_index=[0, top_k])
         gaps = np.diff(ev)[min_k - 1:]
         if len(gaps) == 0:  # max_k == n: nothing to choose
             k, ratio = min_k, 0.0
         else:
+            top = eigh(lap, eigvals_only=True, subset_by_index=[n - 1, n - 1])[0]
             k = min_k + int(np.argmax(gaps))
             ratio = p / max(gaps.max() / max(top, 1e-10), 1e-10)
         if best is None or ratio < best[0]:
-            best = (ratio, k, vec[:, :k])
-    _, k, vec = best
+            best = (ratio, k, p)
+    _, k, p = best
     if k == 1:
         return np.zeros(n, int)
+    vec = eigh(laplacian(p), subset_by_index=[0, k - 1])[1]
     vec = vec / np.maximum(np.linalg.norm(vec, axis=1, keepdims=True), 1e-10)
     return KMeans(n_clusters=k, n_init=10, random_state=0).fit_predict(vec)
 

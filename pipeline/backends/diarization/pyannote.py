@@ -28,11 +28,16 @@ from pathlib import Path
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
+from threadpoolctl import threadpool_limits
 
+from pipeline.audio import read_span
 from pipeline.backends.diarization import Diarization, Turn
 from pipeline.backends.hub import is_local, local_path, model_not_found
 
 SR = 16000
+# Before pyannote.audio is first imported (it fixes the default then): no usage telemetry from
+# pipeline workers unless the user asked for it.
+os.environ.setdefault("PYANNOTE_METRICS_ENABLED", "false")
 
 
 class PyannoteSettings(BaseModel):
@@ -47,7 +52,6 @@ class PyannoteSettings(BaseModel):
 
 def load_pipeline(settings: PyannoteSettings):
     """The pyannote Pipeline named by ``settings.model``, or a clear error."""
-    os.environ.setdefault("PYANNOTE_METRICS_ENABLED", "false")
     try:
         from pyannote.audio import Pipeline
     except ImportError as e:
@@ -69,10 +73,8 @@ def load_pipeline(settings: PyannoteSettings):
             pipeline = Pipeline.from_pretrained(ref, token=token, cache_dir=settings.cache_dir)
         except Exception as e:  # noqa: BLE001 - offline, gated, unknown repo: one message
             raise model_not_found(ref, "pyannote diarization", _HOW.format(env=settings.token_env), e) from e
-        if pipeline is None:
+        if pipeline is None:  # pyannote's answer to some hub errors
             raise model_not_found(ref, "pyannote diarization", _HOW.format(env=settings.token_env))
-    if pipeline is None:
-        raise ValueError(f"{ref}: pyannote returned no pipeline")
     for attr in ("segmentation_batch_size", "embedding_batch_size"):
         if hasattr(pipeline, attr):
             setattr(pipeline, attr, settings.batch_size)
@@ -105,19 +107,19 @@ class PyannoteDiarizer:
         import torch
 
         self.s = settings or PyannoteSettings()
+        self.num_threads = num_threads
         self.torch = torch
         self.pipeline = load_pipeline(self.s)
         self.pipeline.to(torch.device(device))
 
     def diarize(self, audio_path: str, speech: list[tuple[float, float]], duration: float,
                 min_speakers: int = 1, max_speakers: int | None = None) -> Diarization:
-        import soundfile as sf
-
-        wav, sr = sf.read(audio_path, dtype="float32", always_2d=True)
+        wav, sr = read_span(audio_path)
         if sr != SR:
             raise ValueError(f"{audio_path}: diarization needs the 16 kHz analysis copy (got {sr} Hz)")
-        waveform = self.torch.from_numpy(np.ascontiguousarray(wav.mean(axis=1)))[None]
-        with self.torch.inference_mode():
+        waveform = self.torch.from_numpy(np.ascontiguousarray(wav))[None]
+        # numpy/scipy (VBx clustering) get the worker's thread share too (see embedded.py).
+        with self.torch.inference_mode(), threadpool_limits(self.num_threads):
             output = self.pipeline({"waveform": waveform, "sample_rate": SR, "uri": Path(audio_path).stem},
                                    min_speakers=min_speakers, max_speakers=max_speakers)
         return output_to_diarization(output)
