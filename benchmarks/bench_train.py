@@ -132,8 +132,11 @@ def main(argv=None) -> int:
     if torch.cuda.is_available():
         n = max(1, int(round(args.gpu_seconds / args.gpu_utt_seconds)))
         for attention in ("explicit", "sdpa"):
-            res = run(torch.device("cuda"), args.gpu_precision, n, args.gpu_utt_seconds,
-                      args.gpu_steps, attention)
+            try:
+                res = run(torch.device("cuda"), args.gpu_precision, n, args.gpu_utt_seconds,
+                          args.gpu_steps, attention)
+            except RuntimeError as e:  # out of memory, or no fused kernel for this case
+                res = {"device": "cuda", "attention": attention, "error": str(e).splitlines()[0]}
             print(json.dumps(res))
             torch.cuda.empty_cache()
     else:

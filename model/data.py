@@ -335,7 +335,12 @@ def _write_shard(args) -> tuple[int, int]:
     tokenizer = _worker_tokenizer(tokenizer_name)
     tensors, index = {}, []
     for u in utts:
-        feats = compute_features(u)
+        try:
+            feats = compute_features(u)
+        except (ValueError, OSError, RuntimeError) as e:  # one bad file must not stop a long run
+            log.warning("skipping %s: %s", u.id, e)
+            index.append({"id": u.id, "error": str(e)})
+            continue
         tensors[u.id] = feats.to(getattr(torch, dtype)).contiguous()
         tokens = u.tokens
         if tokens is None and tokenizer is not None:
@@ -387,7 +392,8 @@ def build_feature_store(utts: list[Utterance], out_dir: str | os.PathLike, *, ch
     """Precompute features (and string tokens) into a sharded store. Resumable: shards whose
     index exists with the same id list are kept; a killed run redoes only unfinished shards.
     `max_shards` stops after computing that many new shards (a budget per invocation).
-    Returns {"computed": [...], "skipped": [...], "num_shards": N}."""
+    Utterances whose audio cannot be read are recorded as failed and left out.
+    Returns {"computed": [...], "skipped": [...], "num_shards": N, "complete", "failed": [ids]}."""
     if dtype not in ("float16", "float32"):
         raise ValueError(f"feature store dtype must be float16 or float32, got {dtype!r}")
     out_dir = Path(out_dir)
@@ -439,8 +445,13 @@ def build_feature_store(utts: list[Utterance], out_dir: str | os.PathLike, *, ch
             path.with_suffix(".safetensors").unlink(missing_ok=True)
     meta["complete"] = all(_shard_done(shard_dir, k, ids) for k, ids in enumerate(plan))
     _atomic_write_json(store_json, meta)
+    failed = []
+    for path in sorted(shard_dir.glob("*.jsonl")):
+        with open(path, encoding="utf-8") as f:
+            f.readline()
+            failed += [row["id"] for row in map(json.loads, f) if "error" in row]
     return {"computed": sorted(computed), "skipped": skipped, "num_shards": len(plan),
-            "complete": meta["complete"]}
+            "complete": meta["complete"], "failed": failed}
 
 
 def _atomic_write_json(path: Path, obj) -> None:
@@ -452,6 +463,8 @@ def _atomic_write_json(path: Path, obj) -> None:
 class FeatureStore:
     """Read side of a store: features by id (lazy, memory-mapped safetensors), frame counts and
     cached string tokens. Safe to use from DataLoader workers (handles open lazily per process)."""
+
+    MAX_OPEN = 64
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
@@ -469,12 +482,16 @@ class FeatureStore:
         self.shard_of: dict[str, int] = {}
         self.num_frames: dict[str, int] = {}
         self.tokens: dict[str, list[str] | None] = {}
+        self.failed: dict[str, str] = {}  # id -> why its features could not be computed
         for idx in sorted((self.path / "shards").glob("*.jsonl")):
             k = int(idx.stem)
             with open(idx, encoding="utf-8") as f:
                 f.readline()
                 for line in f:
                     row = json.loads(line)
+                    if "error" in row:
+                        self.failed[row["id"]] = row["error"]
+                        continue
                     self.shard_of[row["id"]] = k
                     self.num_frames[row["id"]] = int(row["num_frames"])
                     self.tokens[row["id"]] = row.get("tokens")
@@ -500,10 +517,12 @@ class FeatureStore:
         if os.getpid() != self._pid:  # forked worker: do not share file handles
             self._handles, self._pid = {}, os.getpid()
         k = self.shard_of[utt_id]
-        h = self._handles.get(k)
+        h = self._handles.pop(k, None)
         if h is None:
             h = safe_open(str(self.path / "shards" / f"{k:05d}.safetensors"), framework="pt")
-            self._handles[k] = h
+            if len(self._handles) >= self.MAX_OPEN:  # bounded: thousands of shards, few fds
+                self._handles.pop(next(iter(self._handles)))
+        self._handles[k] = h  # most recently used last
         return h.get_tensor(utt_id).float()
 
 
@@ -592,6 +611,11 @@ def read_manifest_cached(spec: DatasetSpec, feature_store: str | None,
     stores[spec.name] = store
     utts = read_manifest(spec.manifest, spec.root, spec.channels, spec.name,
                          probe_durations=False)
+    bad = [u for u in utts if u.id in store.failed]
+    if bad:
+        log.warning("%s: %d utterance(s) whose audio could not be read are left out (e.g. %s: %s)",
+                    spec.name, len(bad), bad[0].id, store.failed[bad[0].id])
+        utts = [u for u in utts if u.id not in store.failed]
     missing = [u.id for u in utts if u.id not in store]
     if missing:
         raise ValueError(f"{store.path}: {len(missing)} utterance(s) of {spec.manifest} are not in "

@@ -27,6 +27,9 @@ def prepare_dataset(spec: DatasetSpec, out_dir: Path, *, tokenizer: str | None, 
     res = build_feature_store(utts, out_dir, channels=spec.channels, shard_size=shard_size,
                               num_workers=num_workers, dtype=dtype, tokenizer=tokenizer,
                               max_shards=max_shards)
+    if res["failed"]:
+        print(f"{spec.name}: {len(res['failed'])} utterance(s) skipped (unreadable audio), "
+              f"e.g. {res['failed'][0]}")
     print(f"{spec.name}: {len(utts)} utterances, {res['num_shards']} shard(s): "
           f"{len(res['computed'])} computed, {len(res['skipped'])} already done"
           f"{'' if res['complete'] else ' (incomplete: run again)'} -> {out_dir}")

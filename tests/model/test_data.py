@@ -302,14 +302,16 @@ def test_feature_store_resumes_without_redoing_finished_shards(corpus, tmp_path)
     assert third["computed"] == [] and third["skipped"] == [0, 1, 2]
 
     store = FeatureStore(out)
+    store.MAX_OPEN = 2  # 3 shards: handles are recycled
     tok = get_tokenizer("dialog", None)
-    for u in utts:
+    for u in utts + utts[::-1]:
         ref = compute_features(u)
         got = store.get(u.id)
         assert got.dtype == torch.float32 and got.shape == ref.shape
         assert torch.allclose(got, ref, atol=0.02)  # float16 storage
         assert store.num_frames[u.id] == ref.shape[0]
         assert store.tokens[u.id] == tok.texts_to_tokens([u.text])[0]
+    assert len(store._handles) == 2
     with pytest.raises(ValueError, match="store has channels=1"):
         build_feature_store(utts, out, shard_size=3)
 
@@ -354,3 +356,25 @@ def test_batches_are_scaled_and_padded_with_lhotse_value(corpus, tmp_path):
     s1 = ds.tokenizer.token2id["[S1]"]
     assert all(t[0] == s1 and ds.tokenizer.token2id["[S2]"] in t for t in batch["tokens"])
     assert batch["duration"] == pytest.approx(float(lens.sum()) / 93.75)
+
+
+def test_unreadable_audio_is_recorded_and_left_out_of_the_training_set(corpus, tmp_path):
+    from model.prepare import main as prepare_main
+
+    (tmp_path / "broken.mp3").write_bytes(b"\x00" * 2000)
+    lines = corpus.read_text().splitlines()[:2]
+    lines.append(json.dumps({"id": "zz_broken", "text": "[S1] a [S2] b", "path": str(tmp_path / "broken.mp3")}))
+    manifest = tmp_path / "manifest.en.jsonl"
+    manifest.write_text("\n".join(lines).replace('"audio/', f'"{corpus.parent}/audio/') + "\n")
+    assert prepare_main(["--manifest", str(manifest), "--out", str(tmp_path / "fbank" / "x")]) == 0
+    store = FeatureStore(tmp_path / "fbank" / "x")
+    assert set(store.failed) == {"zz_broken"} and "broken.mp3" in store.failed["zz_broken"]
+    cfg = DataConfig(train=[DatasetSpec(name="x", manifest=str(manifest))], dev_size=0,
+                     feature_store=str(tmp_path / "fbank"))
+    train, _ = load_datasets(cfg)
+    assert [u.id for u in train.utts] == ["en0000", "en0001"]
+    assert [u.duration for u in train.utts] == [store.num_frames[i] / 93.75 for i in ("en0000", "en0001")]
+    # a dataset that is not in its store at all is an error naming the store
+    cfg_missing = cfg.model_copy(update={"train": [DatasetSpec(name="y", manifest=str(manifest))]})
+    with pytest.raises(FileNotFoundError, match="model.prepare"):
+        load_datasets(cfg_missing)

@@ -132,7 +132,8 @@ def test_experiment_folder_is_a_model_folder(dialog_runs, setup):
     final = torch.load(exp / f"checkpoint-{N_STEPS}.pt", weights_only=True)["model"]
     assert not all(torch.equal(final[k], sd[k]) for k in sd)
     assert list((exp / "tensorboard").glob("events.out.tfevents.*"))
-    assert "validation at update" in (exp / "log" / "train.log").read_text()
+    log_text = (exp / "log" / "train.log").read_text()
+    assert "curriculum init from ZipVoice" in log_text and "validation at update" in log_text
 
 
 def test_infer_cli_on_the_trained_folder(dialog_runs, setup, tmp_path):
