@@ -226,6 +226,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--raw", action="store_true",
                    help="no silence handling, RMS normalisation, punctuation or chunking")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--attention", choices=["sdpa", "explicit"], default="sdpa",
+                   help="attention kernel; both compute the reference math (sdpa is faster)")
     return p
 
 
@@ -233,6 +235,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     torch.manual_seed(args.seed)
     loaded = load_model(args.checkpoint, device=args.device)
+    loaded.model.set_attention_backend(args.attention)
     stereo = loaded.variant == "zipvoice_dialog_stereo"
     dialog = loaded.variant != "zipvoice"
     tokenizer = get_tokenizer(args.tokenizer or ("dialog" if dialog else "emilia"), loaded.token_file)

@@ -56,11 +56,11 @@ def pad_tokens(tokens: list[list[int]], pad_id: int, device=None) -> tuple[Tenso
     """
     if len(tokens) == 0:
         raise ValueError("empty batch of token sequences")
-    lens = torch.tensor([len(seq) for seq in tokens], dtype=torch.long, device=device)
-    padded = torch.full((len(tokens), int(lens.max()) + 1), pad_id, dtype=torch.long, device=device)
+    lens = torch.tensor([len(seq) for seq in tokens], dtype=torch.long)
+    padded = torch.full((len(tokens), int(lens.max()) + 1), pad_id, dtype=torch.long)
     for i, seq in enumerate(tokens):
-        padded[i, : len(seq)] = torch.as_tensor(seq, dtype=torch.long, device=device)
-    return padded, lens
+        padded[i, : len(seq)] = torch.as_tensor(seq, dtype=torch.long)
+    return padded.to(device), lens.to(device)  # built on the CPU: one copy per tensor
 
 
 def lengths_to_padding_mask(lengths: Tensor, max_len: int | None = None) -> Tensor:
@@ -247,7 +247,7 @@ class ZipVoice(nn.Module):
     # ---- attention kernel choice -----------------------------------------------------------
 
     def set_attention_backend(self, backend: str) -> None:
-        """"explicit" (materialised weights, reference math) or "sdpa" (fused kernels)."""
+        """Attention kernel: "explicit" (materialised weights) or "sdpa" (fused kernels)."""
         if backend not in ("explicit", "sdpa"):
             raise ValueError(f"unknown attention backend {backend!r}: use 'explicit' or 'sdpa'")
         self.text_encoder.use_sdpa = self.fm_decoder.use_sdpa = backend == "sdpa"
