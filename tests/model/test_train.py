@@ -378,29 +378,3 @@ def test_monologue_pretraining_with_eden_bf16_and_epoch_checkpoints(setup, tmp_p
     assert res.batch_idx_train == len(rows)
 
 
-BUNDLED_EXPORT = REPO / "out" / "local" / "export"
-
-
-@pytest.mark.skipif(not (BUNDLED_EXPORT / "manifest.en.jsonl").is_file(),
-                    reason="no out/local/export yet: run `python run_pipeline.py` (the bundled example)")
-def test_trains_on_the_bundled_pipeline_export(setup, tmp_path):
-    """The real export of the example run: its three manifests agree, a store is built from it
-    and a few updates run on it (dev = first sorted id)."""
-    from model.data import read_manifest
-
-    jsonl = read_manifest(BUNDLED_EXPORT / "manifest.en.jsonl")
-    cuts = read_manifest(BUNDLED_EXPORT / "cuts.en.jsonl.gz")
-    parquet = read_manifest(BUNDLED_EXPORT / "segments.parquet")
-    assert len(jsonl) >= 2 and [u.id for u in jsonl] == [u.id for u in cuts] == [u.id for u in parquet]
-    for a, b, c in zip(jsonl, cuts, parquet):
-        assert a.text == b.text == c.text and a.text.startswith("[S1]") and a.audio == c.audio
-        assert a.duration == pytest.approx(c.duration, abs=0.05) == pytest.approx(b.duration, abs=0.05)
-    raw = tiny_config(setup, tmp_path / "exp", train={"num_iters": 2, "save_every_n": 2,
-                                                      "valid_every_n": 2, "export_avg": 0})
-    raw["data"].update(train=[{"name": "example_en", "manifest": str(BUNDLED_EXPORT / "manifest.en.jsonl")}],
-                       feature_store=str(tmp_path / "fbank"), dev_size=1, max_duration=30.0)
-    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(raw))
-    assert prepare_main(["--config", str(tmp_path / "cfg.yaml")]) == 0
-    res = train(load_config(raw=raw))
-    assert res.batch_idx_train == 2 and all(np.isfinite(v) for v in res.losses.values())
-    assert 2 in res.valid and load_model(tmp_path / "exp").variant == "zipvoice_dialog"
