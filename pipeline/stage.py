@@ -104,12 +104,14 @@ class Stage:
 
 
 def limit_threads(n: int) -> None:
-    """Keep one worker's math libraries to its share of the CPUs: several workers share a node."""
+    """Keep one worker's math libraries to its share of the CPUs: several workers share a node,
+    and oversubscribed BLAS/OpenMP pools spin-wait (a 20x slowdown was seen on 2 cores)."""
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
         os.environ[var] = str(n)
-    try:
-        import torch
+    # The variables only reach libraries loaded later; numpy's BLAS is already loaded here.
+    from threadpoolctl import threadpool_limits
 
-        torch.set_num_threads(n)
-    except ImportError:  # pragma: no cover - torch is a core dependency
-        pass
+    threadpool_limits(n)
+    import torch
+
+    torch.set_num_threads(n)
