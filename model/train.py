@@ -575,7 +575,7 @@ def train(cfg: TrainConfig, *, stop_after: int | None = None) -> TrainResult:
     device = pick_device(cfg.train.device, env)
     if cfg.train.num_threads:
         torch.set_num_threads(cfg.train.num_threads)
-    tc, oc = cfg.train, cfg.optim
+    tc = cfg.train
     exp = Path(cfg.exp_dir)
     if env.is_main:
         exp.mkdir(parents=True, exist_ok=True)

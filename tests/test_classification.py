@@ -74,16 +74,6 @@ def two_speaker_row(rid: str, texts: list[str]) -> dict:
             "status": "ok", "reason": None}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models: a second thread only adds synchronisation, which costs 10x on a busy machine."""
-    import torch
-
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 @pytest.fixture(scope="module")
 def recordings():

@@ -87,7 +87,6 @@ def test_train_and_infer_on_the_example_export(example_run, tmp_path):
         assert a.text == b.text == c.text
         assert a.duration == pytest.approx(c.duration, abs=0.05) == pytest.approx(b.duration, abs=0.05)
 
-    torch.set_num_threads(1)
     mono_tokens, dialog_tokens = make_token_files(tmp_path / "tokens")
     torch.manual_seed(0)
     tiny = read_model_config(ROOT / "configs/model/zipvoice_tiny.json")

@@ -133,7 +133,7 @@ def test_sigkill_mid_run_then_resume_equals_uninterrupted(tmp_path, ray_local, u
         sf.write(src / f"u{i:02d}.wav", np.concatenate([np.zeros(1600 * (i % 4), np.float32), utterance]), 22050)
     (src / "broken.wav").write_text("nope")
 
-    ref = run_pipeline(parse_config(config(tmp_path / "ref", batch=1)), src)
+    run_pipeline(parse_config(config(tmp_path / "ref", batch=1)), src)
 
     out = tmp_path / "killed"
     cfg_file = tmp_path / "cfg.yaml"

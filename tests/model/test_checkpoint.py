@@ -24,14 +24,6 @@ TINY = json.loads((REPO / "configs/model/zipvoice_tiny.json").read_text())
 V0 = 40
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: one intra-op thread avoids spin-wait slowdowns on a busy 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def mono_tokens() -> dict[str, int]:
     return {"_": 0, **{f"t{i}": i for i in range(1, V0)}}

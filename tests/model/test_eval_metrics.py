@@ -33,15 +33,6 @@ TURNS = [
 PROMPT_TEXT = "This is a short prompt sentence spoken by one voice for testing."
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # small LSTM/FFT workloads: on a busy 2-core machine extra OpenMP threads only thrash
-    # (the CLI runs single-threaded too, like the reference evaluation scripts)
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 # --------------------------------------------------------------------------- text metrics
 

@@ -30,14 +30,6 @@ TINY = json.loads((REPO / "configs/model/zipvoice_tiny.json").read_text())
 SR = 24000
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: one intra-op thread avoids spin-wait slowdowns on a busy 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def tone(seconds, freq=220.0, amp=0.05):
     t = np.arange(int(seconds * SR)) / SR

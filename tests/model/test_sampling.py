@@ -26,14 +26,6 @@ TINY = json.loads((REPO / "configs/model/zipvoice_tiny.json").read_text())["mode
 S1, S2 = 1, 2
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: one intra-op thread avoids spin-wait slowdowns on a busy 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def tiny(cls=ZipVoiceDialog):
     torch.manual_seed(0)

@@ -31,14 +31,6 @@ TINY_JSON = REPO / "configs/model/zipvoice_tiny.json"
 N_STEPS, SAVE_EVERY, KILL_AT = 16, 8, 11
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: one intra-op thread avoids spin-wait slowdowns on a busy 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):

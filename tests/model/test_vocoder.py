@@ -19,14 +19,6 @@ TINY_VOCOS = {
 }
 
 
-@pytest.fixture
-def one_thread():
-    # Griffin-Lim is hundreds of small FFTs: on a busy 2-core box extra OpenMP threads only thrash
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 @pytest.fixture(scope="module")
 def speech_24k():
@@ -35,7 +27,7 @@ def speech_24k():
     return speech("Hello there, a short test.", "en-us+f3", sr=24000)[: 24000 * 3 // 2]
 
 
-def test_griffin_lim_inverts_the_mel(speech_24k, one_thread):
+def test_griffin_lim_inverts_the_mel(speech_24k):
     fbank = VocosFbank()
     feats = fbank.extract(speech_24k, 24000)  # (T, 100)
     t = feats.shape[0]
@@ -54,7 +46,7 @@ def test_griffin_lim_inverts_the_mel(speech_24k, one_thread):
     assert err < noise_err / 4
 
 
-def test_griffin_lim_nnls_recovers_magnitude(one_thread):
+def test_griffin_lim_nnls_recovers_magnitude():
     from model.features import mel_filterbank
 
     rng = torch.Generator().manual_seed(0)
