@@ -28,6 +28,33 @@ def _by_schema(output: Path) -> dict[str, list[dict]]:
     return tables
 
 
+def stage_costs(output: Path) -> list[dict]:
+    """Worker time per stage, from the part metadata the runner writes, in pipeline order."""
+    from pipeline.runner import _part_meta
+
+    try:
+        order = [s["name"] for s in json.loads((output / "run_config.json").read_text())["stages"]]
+    except (OSError, ValueError, KeyError):
+        order = sorted(d.name for d in (output / "manifests").glob("*"))
+    costs = []
+    for name in order:
+        d = output / "manifests" / name
+        seconds = audio = 0.0
+        for f in d.glob("*.parquet"):
+            meta = _part_meta(f) or {}
+            seconds += meta.get("seconds", 0.0)
+            audio += meta.get("audio_seconds", 0.0)
+        try:
+            gpus = float(json.loads((d / "_stage.json").read_text())["resources"]["num_gpus"])
+        except (OSError, ValueError, KeyError):
+            gpus = 0.0
+        if audio > 0:
+            costs.append({"stage": name, "worker_seconds": round(seconds, 2), "audio_hours": round(audio / 3600, 4),
+                          "rtf": round(seconds / audio, 5), "gpus_per_worker": gpus,
+                          "audio_hours_per_worker_hour": round(audio / seconds, 1) if seconds else None})
+    return costs
+
+
 def _category(reason: str | None) -> str:
     return (reason or "unknown").split(":")[0].strip() or "unknown"
 
@@ -74,6 +101,7 @@ def summarize(output: Path) -> dict:
     }
     return {
         "hours": hours,
+        "costs": stage_costs(output),
         "files": dict(files),
         "file_reasons": dict(file_reasons.most_common()),
         "segment_reasons": dict(seg_reasons.most_common()),
@@ -139,6 +167,14 @@ def write_report(output: str | Path, cfg=None) -> Path:
     if s["languages"]:
         lines += ["", "## Kept segments per language", "", "| language | segments | hours |", "|---|---|---|"]
         lines += [f"| {k} | {v['segments']} | {v['hours']:.4f} |" for k, v in s["languages"].items()]
+    if s["costs"]:
+        lines += ["", "## Processing cost per stage", "",
+                  "Worker time measured inside the stage (model and I/O, not Ray scheduling). With",
+                  "GPU workers, audio hours per worker hour is audio hours per GPU hour (times GPUs per worker).",
+                  "", "| stage | audio hours | worker seconds | RTF | audio hours per worker hour | GPUs per worker |",
+                  "|---|---|---|---|---|---|"]
+        lines += [f"| {c['stage']} | {c['audio_hours']:.4f} | {c['worker_seconds']:.1f} | {c['rtf']:.4f} | "
+                  f"{c['audio_hours_per_worker_hour']} | {c['gpus_per_worker']:g} |" for c in s["costs"]]
     if plotted:
         lines += ["", "## Distributions of the kept segments", "", "![distributions](distributions.png)"]
     (rdir / "report.md").write_text("\n".join(lines) + "\n")

@@ -84,6 +84,8 @@ class StageOutcomes:
     fingerprint: str
     outcomes: dict[str, tuple[str, str | None]] = field(default_factory=dict)
     files: list[Path] = field(default_factory=list)
+    seconds: float = 0.0  # worker time spent on these recordings
+    audio_seconds: float = 0.0  # their duration
 
 
 def load_outcomes(output: Path, spec: StageSpec, prune: bool = True) -> StageOutcomes:
@@ -98,6 +100,8 @@ def load_outcomes(output: Path, spec: StageSpec, prune: bool = True) -> StageOut
                 (sdir / f.name).unlink(missing_ok=True)
             continue
         res.files.append(f)
+        res.seconds += meta.get("seconds", 0.0)
+        res.audio_seconds += meta.get("audio_seconds", 0.0)
         for rid, (status, reason) in meta["outcomes"].items():
             res.outcomes[rid] = (status, reason)
     if prune and sdir.exists():
@@ -110,9 +114,11 @@ def load_outcomes(output: Path, spec: StageSpec, prune: bool = True) -> StageOut
     return res
 
 
-def write_parts(output: Path, spec: StageSpec, rows: list[dict], manifest_rows: list[dict]) -> None:
+def write_parts(output: Path, spec: StageSpec, rows: list[dict], manifest_rows: list[dict],
+                seconds: float = 0.0) -> None:
     """Persist one processed batch: state of the rows passed on, then the manifest part (whose
-    existence marks the batch as done)."""
+    existence marks the batch as done). ``seconds``: worker time the batch took, kept with the
+    audio duration it covered so that every stage's cost per audio hour can be reported."""
     mdir, sdir = _stage_dirs(output, spec.name)
     rids = [r["recording_id"] for r in rows]
     name = _part_name(spec.fingerprint, rids)
@@ -120,6 +126,8 @@ def write_parts(output: Path, spec: StageSpec, rows: list[dict], manifest_rows: 
         "fingerprint": spec.fingerprint,
         "stage": spec.name,
         "outcomes": {r["recording_id"]: [r["status"], r.get("reason")] for r in rows},
+        "seconds": round(seconds, 4),
+        "audio_seconds": round(sum(float(r.get("duration") or 0.0) for r in rows), 4),
     }
     ok = [r for r in rows if r["status"] == "ok"]
     state = pa.table(
@@ -171,12 +179,13 @@ class StageWorker:
         passing = [r for r in rows if r["resume_from"] > idx]
         todo = [r for r in rows if r["resume_from"] <= idx]
         states = self._states(todo)
+        t0 = time.perf_counter()
         results = self._process(states) if states else []
         if results:
             manifest_rows = []
             for r in results:
                 manifest_rows += self._manifest_rows(r)
-            write_parts(self.w.output, self.w.spec, results, manifest_rows)
+            write_parts(self.w.output, self.w.spec, results, manifest_rows, time.perf_counter() - t0)
         out = passing + [
             {
                 "recording_id": r["recording_id"],
@@ -382,7 +391,8 @@ def compact(output: Path, spec: StageSpec) -> None:
     tables = [manifests.read_manifest_file(schema, f) for f in parts.files]
     table = manifests.dedupe(pa.concat_tables(tables, promote_options="none"), manifests.KEYS[schema])
     meta = {"fingerprint": spec.fingerprint, "stage": spec.name,
-            "outcomes": {k: list(v) for k, v in sorted(parts.outcomes.items())}}
+            "outcomes": {k: list(v) for k, v in sorted(parts.outcomes.items())},
+            "seconds": round(parts.seconds, 4), "audio_seconds": round(parts.audio_seconds, 4)}
     table = table.replace_schema_metadata({**manifests.schema_for(schema).metadata, PART_META_KEY: json.dumps(meta).encode()})
     manifests.write_table(table, mdir / name)
     for f in parts.files:
@@ -467,6 +477,11 @@ def run_pipeline(cfg: PipelineConfig, input_spec: str | Path | None = None, outp
         manifests.write_table(ledger, output / "ledger.parquet")
         if cfg.run.report.enabled:
             _report(output, cfg)
+        for spec in cfg.stages:
+            o = done[spec.name]
+            if o.audio_seconds > 0:
+                _say(f"  {spec.name:<15} {o.seconds:8.1f} worker s for {o.audio_seconds / 3600:.3f} audio h "
+                     f"(RTF {o.seconds / o.audio_seconds:.4f})")
         counts = Counter(zip(ledger.column("status").to_pylist(), ledger.column("stage").to_pylist()))
         _say("ledger: " + ", ".join(f"{n} {st} at {sg}" for (st, sg), n in sorted(counts.items())))
         return RunResult(output, len(inputs), len(rows), ledger, time.time() - t0)

@@ -67,7 +67,13 @@ def test_example_ledger_export_and_report(example_run):
     assert all(s["dnsmos_ovrl"] is not None and s["metrics"] for s in segments)
     report = (out / "report" / "report.md").read_text()
     assert "Hours at each stage" in report and (out / "report" / "distributions.png").exists()
-    assert json.loads((out / "report" / "report.json").read_text())["hours"]["kept"] > 0
+    data = json.loads((out / "report" / "report.json").read_text())
+    assert data["hours"]["kept"] > 0
+    # Worker time per stage is measured (the audio-hours-per-worker-hour figure of the report).
+    costs = {c["stage"]: c for c in data["costs"]}
+    assert costs["asr"]["worker_seconds"] > 0 and costs["asr"]["audio_hours"] > 0
+    assert costs["ingest"]["audio_hours"] >= costs["export"]["audio_hours"]
+    assert "Processing cost per stage" in report
 
 
 def test_train_and_infer_on_the_example_export(example_run, tmp_path):
