@@ -193,6 +193,15 @@ def render_chat(tokenizer, messages: list[dict[str, str]]) -> str:
     return render_plain(messages)
 
 
+def prompt_token_ids(tokenizer, row: dict, cfg: "PromptConfig", answer_format: str,
+                     special_tokens: list[str]) -> list[int]:
+    """Token ids of the full prompt for one recording (what both LLM backends feed the model)."""
+    text = render_chat(tokenizer, build_messages(row, cfg, answer_format, special_tokens))
+    # A chat template writes its own BOS; a plain prompt gets the tokenizer's.
+    plain = not getattr(tokenizer, "chat_template", None)
+    return tokenizer(text, add_special_tokens=plain)["input_ids"]
+
+
 def special_tokens_of(tokenizer) -> list[str]:
     """Every special/added token string of a HF tokenizer (what must never be spelled by the data)."""
     tokens = set(getattr(tokenizer, "all_special_tokens", []) or [])

@@ -30,9 +30,8 @@ from pipeline.backends.llm import (
     LABELS,
     PromptConfig,
     Verdict,
-    build_messages,
     prompt_version,
-    render_chat,
+    prompt_token_ids,
     special_tokens_of,
     verdict_from_text,
 )
@@ -102,11 +101,7 @@ class TransformersClassifier:
     # ------------------------------------------------------------------ prompts
 
     def prompt_ids(self, row: dict) -> list[int]:
-        messages = build_messages(row, self.prompt, self.answer_format, self.special_tokens)
-        text = render_chat(self.tokenizer, messages)
-        # A chat template writes its own BOS; a plain prompt gets the tokenizer's.
-        plain = not getattr(self.tokenizer, "chat_template", None)
-        return self.tokenizer(text, add_special_tokens=plain)["input_ids"]
+        return prompt_token_ids(self.tokenizer, row, self.prompt, self.answer_format, self.special_tokens)
 
     def classify(self, rows: list[dict]) -> list[Verdict]:
         ids = [self.prompt_ids(r) for r in rows]

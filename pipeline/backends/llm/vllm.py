@@ -22,9 +22,8 @@ from pipeline.backends.llm import (
     ANSWER_SCHEMA,
     PromptConfig,
     Verdict,
-    build_messages,
     prompt_version,
-    render_chat,
+    prompt_token_ids,
     special_tokens_of,
     verdict_from_text,
 )
@@ -100,10 +99,7 @@ class VllmClassifier:
                                   "set stages.classification.vllm.model to a local model directory", e) from e
 
     def prompt_ids(self, row: dict) -> list[int]:
-        messages = build_messages(row, self.prompt, self.answer_format, self.special_tokens)
-        text = render_chat(self.tokenizer, messages)
-        plain = not getattr(self.tokenizer, "chat_template", None)
-        return self.tokenizer(text, add_special_tokens=plain)["input_ids"]
+        return prompt_token_ids(self.tokenizer, row, self.prompt, self.answer_format, self.special_tokens)
 
     def classify(self, rows: list[dict]) -> list[Verdict]:
         ids = [self.prompt_ids(r) for r in rows]
