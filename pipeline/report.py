@@ -30,7 +30,7 @@ def _by_schema(output: Path) -> dict[str, list[dict]]:
 
 def stage_costs(output: Path) -> list[dict]:
     """Worker time per stage, from the part metadata the runner writes, in pipeline order."""
-    from pipeline.runner import _part_meta
+    from pipeline.runner import part_meta
 
     try:
         order = [s["name"] for s in json.loads((output / "run_config.json").read_text())["stages"]]
@@ -41,7 +41,7 @@ def stage_costs(output: Path) -> list[dict]:
         d = output / "manifests" / name
         seconds = audio = 0.0
         for f in d.glob("*.parquet"):
-            meta = _part_meta(f) or {}
+            meta = part_meta(f) or {}
             seconds += meta.get("seconds", 0.0)
             audio += meta.get("audio_seconds", 0.0)
         try:
@@ -146,7 +146,7 @@ def plot_distributions(kept: list[dict], path: Path) -> bool:
     return True
 
 
-def write_report(output: str | Path, cfg=None) -> Path:
+def write_report(output: str | Path) -> Path:
     output = Path(output)
     rdir = output / "report"
     rdir.mkdir(parents=True, exist_ok=True)

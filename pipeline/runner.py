@@ -13,6 +13,7 @@ file per stage and the ledger is written.
 
 from __future__ import annotations
 
+import copy
 import fcntl
 import hashlib
 import json
@@ -31,11 +32,10 @@ import pyarrow.compute as pc
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
-from pipeline import manifests
+from pipeline import manifests, report
 from pipeline.config import PipelineConfig, StageSpec
 from pipeline.inputs import discover
 from pipeline.stage import StageContext, limit_threads
-from pipeline.stages import resolve_stage
 
 log = logging.getLogger("pipeline")
 
@@ -68,7 +68,7 @@ def _stage_dirs(output: Path, stage: str) -> tuple[Path, Path]:
     return output / "manifests" / stage, output / STATE_DIR / stage
 
 
-def _part_meta(path: Path) -> dict | None:
+def part_meta(path: Path) -> dict | None:
     try:
         meta = pq.read_schema(path).metadata or {}
     except Exception:  # a damaged part is treated as absent: its recordings run again
@@ -93,7 +93,7 @@ def load_outcomes(output: Path, spec: StageSpec, prune: bool = True) -> StageOut
     mdir, sdir = _stage_dirs(output, spec.name)
     res = StageOutcomes(spec.fingerprint)
     for f in sorted(mdir.glob("*.parquet")):
-        meta = _part_meta(f)
+        meta = part_meta(f)
         if meta is None or meta.get("fingerprint") != spec.fingerprint:
             if prune:
                 f.unlink(missing_ok=True)
@@ -216,19 +216,21 @@ class StageWorker:
         return states
 
     def _process(self, states: list[dict]) -> list[dict]:
-        missing = [s for s in states if s.pop("_missing", False)]
+        missing = [s for s in states if s.get("_missing")]
+        present = [s for s in states if not s.get("_missing")]
         for s in missing:
+            del s["_missing"]
             s.update(status="failed", reason=f"resume: no stored output of stage {self.w.upstream!r}")
-        states = [s for s in states if s not in missing]
         results: list[dict] = []
-        if states:
+        if present:
             try:
-                results = self.stage.process([dict(s) for s in states])
-                if len(results) != len(states):
-                    raise RuntimeError(f"stage returned {len(results)} rows for {len(states)}")
+                # Deep copies: a stage that fails half-way must not leave the retry altered rows.
+                results = self.stage.process(copy.deepcopy(present))
+                if len(results) != len(present):
+                    raise RuntimeError(f"stage returned {len(results)} rows for {len(present)}")
             except Exception:
                 # Isolate the recording that breaks the batch; the others go on.
-                results = [self._process_one(s) for s in states]
+                results = [self._process_one(s) for s in present]
         for r in results:
             if r.get("status") not in manifests.STATUSES:
                 r["reason"] = f"stage returned invalid status {r.get('status')!r}"
@@ -237,7 +239,7 @@ class StageWorker:
 
     def _process_one(self, state: dict) -> dict:
         try:
-            return self.stage.process([dict(state)])[0]
+            return self.stage.process([copy.deepcopy(state)])[0]
         except Exception as e:  # noqa: BLE001 - every error becomes a 'failed' row with its reason
             log.exception("stage %s failed on %s", self.w.spec.name, state["recording_id"])
             return dict(state, status="failed", reason=f"{type(e).__name__}: {e}"[:500])
@@ -476,7 +478,7 @@ def run_pipeline(cfg: PipelineConfig, input_spec: str | Path | None = None, outp
         ledger = build_ledger(output, inputs, cfg.stages, done)
         manifests.write_table(ledger, output / "ledger.parquet")
         if cfg.run.report.enabled:
-            _report(output, cfg)
+            report.write_report(output)
         for spec in cfg.stages:
             o = done[spec.name]
             if o.audio_seconds > 0:
@@ -487,14 +489,6 @@ def run_pipeline(cfg: PipelineConfig, input_spec: str | Path | None = None, outp
         return RunResult(output, len(inputs), len(rows), ledger, time.time() - t0)
     finally:
         lock.close()
-
-
-def _report(output: Path, cfg: PipelineConfig) -> None:
-    try:
-        from pipeline import report
-    except ImportError:
-        return
-    report.write_report(output, cfg)
 
 
 def _write_stage_record(output: Path, spec: StageSpec) -> None:
@@ -516,4 +510,3 @@ def _say(msg: str) -> None:
     print(f"[pipeline] {msg}", flush=True)
 
 
-__all__ = ["run_pipeline", "plan", "compact", "build_ledger", "load_outcomes", "StageWorker", "resolve_stage"]
