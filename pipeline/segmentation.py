@@ -62,19 +62,24 @@ def split_at_silences(speech: list[Span], max_len: float = 30.0, pad: float = 0.
     def gap(i: int) -> float:
         return spans[i + 1][0] - spans[i][1]
 
+    def mid(i: int) -> float:  # one value for both sides of a short silence: no rounding gap
+        return (spans[i][1] + spans[i + 1][0]) / 2
+
     def end_after(i: int) -> float:  # where a chunk whose last span is i ends
         if i == n - 1:
             return last_end
-        return spans[i][1] + pad if gap(i) >= 2 * pad else spans[i][1] + gap(i) / 2
+        return spans[i][1] + pad if gap(i) >= 2 * pad else mid(i)
 
     def start_before(i: int) -> float:  # where a chunk whose first span is i starts
         if i == 0:
             return max(0.0, spans[0][0] - pad)
-        return spans[i][0] - pad if gap(i - 1) >= 2 * pad else spans[i][0] - gap(i - 1) / 2
+        return spans[i][0] - pad if gap(i - 1) >= 2 * pad else mid(i - 1)
 
     def chunk(a: float, b: float, forced: bool = False) -> Chunk:
-        a, b = round(a, 3), round(b, 3)
-        return Chunk(a, min(b, round(a + max_len - 5e-4, 3)), forced)  # rounding never breaks the limit
+        a, b = round(a, 3), round(min(b, a + max_len), 3)
+        if b - a > max_len + 1e-6:  # millisecond rounding must not break the limit
+            b = round(b - 0.001, 3)
+        return Chunk(a, b, forced)
 
     chunks: list[Chunk] = []
     i = 0
@@ -88,9 +93,9 @@ def split_at_silences(speech: list[Span], max_len: float = 30.0, pad: float = 0.
                 i += 1
                 continue
             end = end_after(i)  # one span too long on its own: equal pieces
-            pieces = int(-(-(end - start) // max_len))
-            step = (end - start) / pieces
-            chunks += [chunk(start + k * step, start + (k + 1) * step, True) for k in range(pieces)]
+            pieces = int(-(-(end - start) // (max_len - 0.002)))  # margin: ms rounding stays in the limit
+            cuts = [start + k * (end - start) / pieces for k in range(pieces)] + [end]
+            chunks += [chunk(cuts[k], cuts[k + 1], True) for k in range(pieces)]
             i += 1
             continue
         j = i

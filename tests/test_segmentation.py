@@ -20,9 +20,10 @@ from pipeline.segmentation import (
 
 
 def _merged(spans):
+    """Stretches of speech: spans less than a millisecond apart are one (no silence between)."""
     out = []
     for a, b in sorted(spans):
-        if out and a <= out[-1][1]:
+        if out and a <= out[-1][1] + 1e-3:
             out[-1][1] = max(out[-1][1], b)
         else:
             out.append([a, b])
