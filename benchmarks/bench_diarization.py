@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 warnings.filterwarnings("ignore")
 
-from pipeline.backends.diarization import row_fields  # noqa: E402
+from pipeline.backends.diarization import diarization_error, row_fields  # noqa: E402
 from pipeline.backends.diarization.embedded import EmbeddedDiarizer, EmbeddedSettings  # noqa: E402
 from pipeline.stages.vad import SileroOnnx, VadConfig, speech_spans  # noqa: E402
 from pipeline.synth import synth_dialogue, synth_meeting, synth_monologue, write_clip  # noqa: E402
@@ -45,19 +45,9 @@ CONDITIONS = {
 
 def der(truth, turns: list[dict]) -> tuple[float, float, float, float]:
     """(DER, missed, false alarm, confusion) as fractions of the reference speech."""
-    from pyannote.core import Annotation, Segment, Timeline
-    from pyannote.metrics.diarization import DiarizationErrorRate
-
-    ref, hyp = Annotation(), Annotation()
-    for i, t in enumerate(truth.turns):
-        ref[Segment(t.start, t.end), i] = t.speaker
-    for i, t in enumerate(turns):
-        hyp[Segment(t["start"], t["end"]), i] = t["speaker"]
-    metric = DiarizationErrorRate(collar=0.0, skip_overlap=False)
-    c = metric(ref, hyp, uem=Timeline([Segment(0, truth.duration)]), detailed=True)
-    total = c["total"]
-    return (c["diarization error rate"], c["missed detection"] / total, c["false alarm"] / total,
-            c["confusion"] / total)
+    e = diarization_error([(t.start, t.end, t.speaker) for t in truth.turns],
+                          [(t["start"], t["end"], t["speaker"]) for t in turns], truth.duration)
+    return e["der"], e["missed"], e["false_alarm"], e["confusion"]
 
 
 def make_set(kind: str, n: int, duration: float, out: Path, seed0: int = 1000):

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from pipeline import manifests
-from pipeline.backends.diarization import (Diarization, exclusive_turns, merge_turns, overlap_regions,
+from pipeline.backends.diarization import (Diarization, diarization_error, exclusive_turns, merge_turns, overlap_regions,
                                            row_fields)
 from pipeline.backends.diarization.embedded import EmbeddedDiarizer, EmbeddedSettings
 from pipeline.backends.diarization.pyannote import (PyannoteDiarizer, PyannoteSettings, output_to_diarization,
@@ -26,19 +26,8 @@ warnings.filterwarnings("ignore", category=UserWarning)
 
 
 def der(truth: Truth, turns: list[dict]) -> float:
-    from pyannote.core import Annotation, Segment, Timeline
-    from pyannote.metrics.diarization import DiarizationErrorRate
-
-    ref, hyp = Annotation(), Annotation()
-    for i, t in enumerate(truth.turns):
-        ref[Segment(t.start, t.end), i] = t.speaker
-    for i, t in enumerate(turns):
-        hyp[Segment(t["start"], t["end"]), i] = t["speaker"]
-    metric = DiarizationErrorRate(collar=0.0, skip_overlap=False)
-    return metric(ref, hyp, uem=Timeline([Segment(0, truth.duration)]))
-
-
-# --------------------------------------------------------------------------- turn bookkeeping
+    ref = [(t.start, t.end, t.speaker) for t in truth.turns]
+    return diarization_error(ref, [(t["start"], t["end"], t["speaker"]) for t in turns], truth.duration)["der"]
 
 
 def test_row_fields_overlaps_exclusive_and_label_order():
