@@ -107,21 +107,22 @@ def cpwer_counts(ref: str, hyp: str, lang: str = "en") -> ErrorCounts:
     return same if same.errors < swapped.errors else swapped
 
 
-def corpus_wer(refs: Sequence[str], hyps: Sequence[str], lang: str = "en") -> ErrorCounts:
-    """Pooled WER over a corpus: ``.wer`` is sum(S + D + I) / sum(ref words) in percent."""
+def _pooled(counts: Callable[[str, str, str], ErrorCounts], refs: Sequence[str], hyps: Sequence[str],
+            lang: str) -> ErrorCounts:
     _check_pairs(refs, hyps)
     total = ErrorCounts()
     for r, h in zip(refs, hyps):
-        total = total + wer_counts(r, h, lang)
+        total = total + counts(r, h, lang)
     return total
+
+
+def corpus_wer(refs: Sequence[str], hyps: Sequence[str], lang: str = "en") -> ErrorCounts:
+    """Pooled WER over a corpus: ``.wer`` is sum(S + D + I) / sum(ref words) in percent."""
+    return _pooled(wer_counts, refs, hyps, lang)
 
 
 def corpus_cpwer(refs: Sequence[str], hyps: Sequence[str], lang: str = "en") -> ErrorCounts:
-    _check_pairs(refs, hyps)
-    total = ErrorCounts()
-    for r, h in zip(refs, hyps):
-        total = total + cpwer_counts(r, h, lang)
-    return total
+    return _pooled(cpwer_counts, refs, hyps, lang)
 
 
 def _check_pairs(refs, hyps):
