@@ -23,7 +23,7 @@ directory."""
 
 
 def build_parser():
-    ap = clitools.parser("run_pipeline.py", DESCRIPTION)
+    ap = clitools.parser(None, DESCRIPTION)
     ap.add_argument("inputs", nargs="*", metavar="FILE_OR_DIR",
                     help="input files, folders (walked recursively), globs or list files (text whose "
                          "lines are paths); default: run.input of the config")

@@ -40,14 +40,15 @@ class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescription
         return super()._get_help_string(action)
 
 
-def parser(prog: str, description: str, **kwargs) -> argparse.ArgumentParser:
+def parser(prog: str | None, description: str, **kwargs) -> argparse.ArgumentParser:
+    """``prog`` None: the name the program was started as (a script or an entry point)."""
     p = argparse.ArgumentParser(prog=prog, description=description, formatter_class=_Formatter, **kwargs)
-    add_common(p, prog)
+    add_common(p)
     return p
 
 
-def add_common(p: argparse.ArgumentParser, prog: str) -> None:
-    p.add_argument("--version", action="version", version=f"{prog} (opendialog-forge) {version()}",
+def add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--version", action="version", version=f"%(prog)s (opendialog-forge) {version()}",
                    help="print the version and exit")
     p.add_argument("--debug", action="store_true",
                    help="show the full traceback when the command fails")

@@ -15,6 +15,7 @@ upstream during this run.
 
 from __future__ import annotations
 
+import shutil
 import sys
 import threading
 import time
@@ -115,23 +116,31 @@ class Progress:
         if self.mode == "tty":
             from tqdm.auto import tqdm
 
+            # A terminal that reports no width (some pseudo-terminals) would truncate every line.
+            width = shutil.get_terminal_size((0, 0)).columns
             self._bars = [tqdm(total=0, position=i, bar_format="{desc}", leave=True, file=self.stream,
-                               dynamic_ncols=True) for i in range(len(self.stages))]
+                               dynamic_ncols=width > 0, ncols=None if width > 0 else 120)
+                          for i in range(len(self.stages))]
         self._thread = threading.Thread(target=self._loop, name="pipeline-progress", daemon=True)
         self._thread.start()
         return self
 
     def _loop(self) -> None:
-        while not self._stop.wait(self.interval):
-            self._tick()
+        # Poll often (timestamps of finished batches set the rates), print every `interval`.
+        step = min(self.interval, 1.0)
+        next_render = time.monotonic() + self.interval
+        while not self._stop.wait(step):
+            self._poll_safely()
+            if time.monotonic() >= next_render:
+                self._render(final=False)
+                next_render += self.interval
 
-    def _tick(self) -> None:
+    def _poll_safely(self) -> None:
         if self._poll is not None:
             try:
                 self._poll()
             except Exception:  # noqa: BLE001 - progress must never break a run
                 pass
-        self._render(final=False)
 
     def _render(self, final: bool) -> None:
         lines = self.lines()
@@ -158,11 +167,7 @@ class Progress:
             self._thread.join()
         if self.mode == "off":
             return
-        if self._poll is not None:
-            try:
-                self._poll()
-            except Exception:  # noqa: BLE001
-                pass
+        self._poll_safely()
         self._render(final=True)
         for bar in self._bars:
             bar.close()

@@ -13,6 +13,7 @@ file per stage and the ledger is written.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import fcntl
 import hashlib
@@ -20,6 +21,8 @@ import json
 import math
 import logging
 import os
+import sys
+import tempfile
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -318,9 +321,10 @@ def _init_ray(cfg: PipelineConfig, address: str | None, verbose: bool = False) -
         import pipeline
 
         kwargs["runtime_env"] = {"py_modules": [Path(pipeline.__file__).parent, Path(filters.__file__).parent]}
-        ray.init(address=address, **kwargs)
     else:
-        ray.init(num_cpus=rc.num_cpus, num_gpus=rc.num_gpus, object_store_memory=rc.object_store_memory, **kwargs)
+        kwargs.update(num_cpus=rc.num_cpus, num_gpus=rc.num_gpus, object_store_memory=rc.object_store_memory)
+    with contextlib.nullcontext() if verbose else _drop_stderr_lines(b"Set ray log level from environment"):
+        ray.init(address=address, **kwargs)
 
 
 def _ray_log_options(verbose: bool) -> dict[str, Any]:
@@ -329,7 +333,32 @@ def _ray_log_options(verbose: bool) -> dict[str, Any]:
     --verbose. Failures of our stages still reach the ledger with their reason."""
     if verbose:
         return dict(log_to_driver=True, logging_level=logging.INFO)
+    # Ray's C++ side logs its own ERRORs that no user can act on to the driver's stderr, e.g.
+    # "core_worker.cc: Actor ... has constructor arguments in the object store and max_restarts > 0"
+    # for every Ray Data actor pool (ray-project/ray#53727). It announces the level once.
+    os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "fatal")
     return dict(log_to_driver=False, logging_level=logging.ERROR)
+
+
+@contextlib.contextmanager
+def _drop_stderr_lines(*needles: bytes):
+    """Capture file descriptor 2 (C++ code writes there directly), then write back every line
+    that contains none of ``needles``."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as tmp:
+        os.dup2(tmp.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            tmp.seek(0)
+            kept = [ln for ln in tmp.read().splitlines(keepends=True) if not any(n in ln for n in needles)]
+            if kept:
+                sys.stderr.write(b"".join(kept).decode(errors="replace"))
+                sys.stderr.flush()
 
 
 def _quiet_ray_data(verbose: bool) -> None:
