@@ -116,10 +116,12 @@ class Progress:
         if self.mode == "tty":
             from tqdm.auto import tqdm
 
-            # A terminal that reports no width (some pseudo-terminals) would truncate every line.
-            width = shutil.get_terminal_size((0, 0)).columns
+            # A terminal that reports no size (some pseudo-terminals) would hide or truncate the lines.
+            size = shutil.get_terminal_size((0, 0))
+            known = size.columns > 0 and size.lines > 0
             self._bars = [tqdm(total=0, position=i, bar_format="{desc}", leave=True, file=self.stream,
-                               dynamic_ncols=width > 0, ncols=None if width > 0 else 120)
+                               dynamic_ncols=known, ncols=None if known else 120,
+                               nrows=None if known else len(self.stages) + 1)
                           for i in range(len(self.stages))]
         self._thread = threading.Thread(target=self._loop, name="pipeline-progress", daemon=True)
         self._thread.start()

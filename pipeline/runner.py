@@ -24,6 +24,7 @@ import os
 import sys
 import tempfile
 import time
+import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -370,6 +371,8 @@ def _quiet_ray_data(verbose: bool) -> None:
     for h in logging.getLogger("ray.data").handlers:
         if getattr(h, "name", None) == "console":
             h.setLevel(logging.ERROR)
+    # e.g. "The maximum number of concurrent tasks for 'MapBatches(_run_task)' is set to 2, but ...".
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"ray\.")
 
 
 def _build(rows: list[dict], cfg: PipelineConfig, output: Path, local: bool, verbose: bool = False):

@@ -268,7 +268,9 @@ def test_readme_tiny_training_commands_run(tmp_path):
     make_corpus(work / "out" / "local" / "export", 4)
     (work / "configs").symlink_to(ROOT / "configs")
     (tmp_path / "bin").mkdir()
-    (tmp_path / "bin" / "python").symlink_to(sys.executable)
+    shim = tmp_path / "bin" / "python"  # a script, not a link: the venv is found from the path
+    shim.write_text(f'#!/bin/sh\nexec "{sys.executable}" "$@"\n')
+    shim.chmod(0o755)
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1",
            "PATH": f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}"}
     quick = {"model.train": " --set train.num_iters=2 --set train.save_every_n=2 --set train.valid_every_n=2",
