@@ -8,8 +8,8 @@ writes into --out:
                        model.json (configs/model/zipvoice_tiny.json), tokens.txt; it stands in for
                        the stage-1 model that the dialog curriculum initialises from;
   tokens_dialog.txt    its token table plus the 28 dialog tokens ([S1], [S2], 26 spares);
-  prompt.wav,          the first utterance of the corpus (by id; the one train_tiny.yaml holds out
-  prompt.txt           for validation) and its text: a prompt for `python -m model.infer`.
+  prompt.wav,          the shortest utterance of the corpus and its text: a prompt for
+  prompt.txt           `python -m model.infer` (short prompts keep inference quick).
 
 The token table is the espeak phoneme map of piper-phonemize plus the pinyin units (so any English
 or Chinese text can be tokenized), plus every other token the corpus' texts produce: the corpus is
@@ -58,7 +58,6 @@ def make_tiny(corpus: str | Path, out: str | Path, *, model_config: str | Path =
         utts += read_manifest(m, dataset=m.stem)
     if not utts:
         raise ValueError(f"{corpus}: the corpus has no utterances")
-    utts.sort(key=lambda u: u.id)
 
     table = build_espeak_token_table()
     corpus_tokens = get_tokenizer("dialog", None).texts_to_tokens([u.text for u in utts])
@@ -76,12 +75,12 @@ def make_tiny(corpus: str | Path, out: str | Path, *, model_config: str | Path =
     model = build_model("zipvoice", read_model_config(model_config), table)
     save_model(model, out / "zipvoice", table)
 
-    first = utts[0]
-    wave = load_audio(first.audio, 24000, mono=True)
+    prompt = min(utts, key=lambda u: (u.duration, u.id))
+    wave = load_audio(prompt.audio, 24000, mono=True)
     sf.write(str(out / "prompt.wav"), wave, 24000)
-    (out / "prompt.txt").write_text(first.text + "\n", encoding="utf-8")
+    (out / "prompt.txt").write_text(prompt.text + "\n", encoding="utf-8")
     return {"utterances": len(utts), "tokens": len(dialog), "corpus_only_tokens": extra,
-            "parameters": sum(p.numel() for p in model.parameters()), "prompt": first.id}
+            "parameters": sum(p.numel() for p in model.parameters()), "prompt": prompt.id}
 
 
 def main(argv: list[str] | None = None) -> int:
