@@ -23,6 +23,8 @@ from pathlib import Path
 
 import torch
 
+from pipeline import clitools
+
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)\.pt$")
 
 
@@ -85,21 +87,26 @@ def average_checkpoints(exp_dir: str | os.PathLike, *, iteration: int | None = N
     return out, f"mean of the weights over updates ({s}, {e}] from {start_path.name} and {end_path.name}"
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m model.average", description=__doc__.split("\n")[0])
-    p.add_argument("--exp-dir", required=True)
+def build_parser() -> argparse.ArgumentParser:
+    p = clitools.parser("python -m model.average", __doc__)
+    p.add_argument("--exp-dir", required=True, help="experiment folder with the checkpoint-N.pt / epoch-E.pt files")
     g = p.add_mutually_exclusive_group(required=True)
     g.add_argument("--iter", type=int, dest="iteration", help="last update of the range")
     g.add_argument("--epoch", type=int, help="last epoch of the range")
     p.add_argument("--avg", type=int, default=2, help="number of checkpoint intervals")
     p.add_argument("--out", help="output .pt (default: EXP/iter-N-avg-K.pt or EXP/epoch-E-avg-K.pt)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = build_parser()
     args = p.parse_args(argv)
-    try:
-        sd, info = average_checkpoints(args.exp_dir, iteration=args.iteration, epoch=args.epoch,
-                                       avg=args.avg)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return clitools.run(lambda: _average(args), args.debug)
+
+
+def _average(args) -> int:
+    sd, info = average_checkpoints(args.exp_dir, iteration=args.iteration, epoch=args.epoch,
+                                   avg=args.avg)
     name = (f"iter-{args.iteration}-avg-{args.avg}.pt" if args.iteration is not None
             else f"epoch-{args.epoch}-avg-{args.avg}.pt")
     out = Path(args.out) if args.out else Path(args.exp_dir) / name

@@ -578,18 +578,21 @@ def load_datasets(cfg: DataConfig, *, require_dialog: bool = False,
                 raise ValueError(f"{spec.manifest}: dev_size {n_dev} leaves no training data "
                                  f"({len(utts)} utterances)")
             dev, train = utts[:n_dev], utts[n_dev:]
+        n_split = len(train)
         dev, train = (filter_by_duration(x, cfg.min_duration, cfg.max_len, spec.name)
                       for x in (dev, train))
+        n_in_range = len(train)
+        longest = max((u.duration for u in train), default=0.0)
         if cfg.max_duration < cfg.max_len:
             too_long = sum(u.duration > cfg.max_duration for u in train)
             if too_long:
-                log.warning("%s: %d utterances are longer than max_duration %.1f s and are dropped",
-                            spec.name, too_long, cfg.max_duration)
+                log.warning("%s: %d utterances are longer than the batch budget data.max_duration "
+                            "%.1f s and are dropped (raise it to %.1f to keep them)",
+                            spec.name, too_long, cfg.max_duration, longest)
                 train = [u for u in train if u.duration <= cfg.max_duration]
                 dev = [u for u in dev if u.duration <= cfg.max_duration]
         if not train:
-            raise ValueError(f"{spec.manifest}: no training utterances left after the dev split and "
-                             f"the duration filter [{cfg.min_duration}, {cfg.max_len}] s")
+            raise ValueError(_no_training_data(spec.manifest, len(utts), n_split, n_in_range, longest, cfg))
         train_src.append(np.arange(len(train_utts), len(train_utts) + len(train)))
         dev_src.append(np.arange(len(dev_utts), len(dev_utts) + len(dev)))
         train_utts += train
@@ -625,6 +628,26 @@ def read_manifest_cached(spec: DatasetSpec, feature_store: str | None,
         if u.tokens is None:
             u.tokens = store.tokens[u.id]
     return utts
+
+
+def _no_training_data(manifest, n_all: int, n_split: int, n_in_range: int, longest: float,
+                      cfg: DataConfig) -> str:
+    """Why a dataset has no training utterance left, naming the step that removed them and the
+    setting that fixes it."""
+    head = f"{manifest}: no training utterances left"
+    if n_all == 0:
+        return f"{head}: the manifest is empty"
+    if n_split == 0:
+        return f"{head}: all {n_all} are held out for validation (lower data.dev_size)"
+    if n_in_range == 0:
+        return (f"{head}: all {n_split} are outside the duration filter [data.min_duration, "
+                f"data.max_len] = [{cfg.min_duration}, {cfg.max_len}] s (widen it)")
+    need = math.ceil(longest * 10) / 10
+    return (f"{head}: all {n_in_range} within [data.min_duration, data.max_len] = "
+            f"[{cfg.min_duration}, {cfg.max_len}] s are longer than the batch budget "
+            f"data.max_duration = {cfg.max_duration} s, which must hold at least one utterance; "
+            f"raise it to at least {need:g} (e.g. --set data.max_duration={need:g}) or lower "
+            f"data.max_len to drop the long ones")
 
 
 def filter_by_duration(utts: list[Utterance], min_duration: float, max_len: float,

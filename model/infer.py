@@ -32,6 +32,7 @@ from model.features import FEAT_SCALE, VocosFbank, load_audio
 from model.sampling import cross_fade, generate_long
 from model.tokenizer import SPK_A_TOKEN, SPK_B_TOKEN, get_tokenizer
 from model.vocoder import Vocoder, load_vocoder
+from pipeline import clitools
 
 SAMPLING_RATE = 24000
 TARGET_RMS = 0.1
@@ -203,7 +204,7 @@ def load_prompt(args, stereo: bool, dialog: bool) -> tuple[np.ndarray, str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m model.infer", description=__doc__.split("\n")[0])
+    p = clitools.parser("python -m model.infer", __doc__)
     p.add_argument("--checkpoint", required=True,
                    help="model folder (model.pt|model.safetensors, model.json, tokens.txt) or file")
     p.add_argument("--prompt-wav", required=True, help="prompt audio (speaker 1, or the whole prompt)")
@@ -217,15 +218,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="'griffin-lim', a local Vocos dir, or a hub id (default charactr/vocos-mel-24khz)")
     p.add_argument("--tokenizer", choices=["dialog", "emilia", "simple", "espeak"], default=None,
                    help="default: dialog for dialog models, emilia for ZipVoice")
-    p.add_argument("--num-step", type=int, default=16)
-    p.add_argument("--guidance-scale", type=float, default=1.5)
-    p.add_argument("--t-shift", type=float, default=0.5)
-    p.add_argument("--speed", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=666)
+    p.add_argument("--num-step", type=int, default=16, help="Euler steps of the flow-matching sampler")
+    p.add_argument("--guidance-scale", type=float, default=1.5, help="classifier-free guidance scale")
+    p.add_argument("--t-shift", type=float, default=0.5,
+                   help="time-grid shift (< 1 puts more steps near the noise end)")
+    p.add_argument("--speed", type=float, default=1.0, help="speaking rate (> 1 is faster)")
+    p.add_argument("--seed", type=int, default=666, help="random seed of the initial noise")
     p.add_argument("--max-seconds", type=float, default=40.0, help="chunk budget, prompt included")
     p.add_argument("--raw", action="store_true",
                    help="no silence handling, RMS normalisation, punctuation or chunking")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="torch device")
     p.add_argument("--attention", choices=["sdpa", "explicit"], default="sdpa",
                    help="attention kernel; both compute the reference math (sdpa is faster)")
     return p
@@ -233,6 +236,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    return clitools.run(lambda: _generate(args), args.debug)
+
+
+def _generate(args) -> int:
     torch.manual_seed(args.seed)
     loaded = load_model(args.checkpoint, device=args.device)
     loaded.model.set_attention_backend(args.attention)

@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 
 from model.data import DatasetSpec, build_feature_store, read_manifest
+from pipeline import clitools
 
 
 def prepare_dataset(spec: DatasetSpec, out_dir: Path, *, tokenizer: str | None, num_workers: int,
@@ -36,49 +37,55 @@ def prepare_dataset(spec: DatasetSpec, out_dir: Path, *, tokenizer: str | None, 
     return res
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m model.prepare", description=__doc__.split("\n")[0])
+def build_parser() -> argparse.ArgumentParser:
+    p = clitools.parser("python -m model.prepare", __doc__)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--config", help="training YAML: prepare every data.train dataset")
     src.add_argument("--manifest", help="one manifest (.jsonl, .jsonl.gz, .parquet, .tsv)")
     p.add_argument("--out", help="store folder (--manifest), or the stores' parent (--config; "
                                  "default data.feature_store)")
-    p.add_argument("--root", help="base of relative audio paths (--manifest)")
-    p.add_argument("--channels", type=int, choices=[1, 2], default=1, help="(--manifest)")
+    p.add_argument("--root", help="base of relative audio paths (--manifest; default: the manifest's folder)")
+    p.add_argument("--channels", type=int, choices=[1, 2], default=1,
+                   help="audio channels of the --manifest dataset (2: stereo, one speaker per channel)")
     p.add_argument("--tokenizer", choices=["dialog", "emilia", "espeak", "simple", "none"],
                    help="string tokens to cache (default: the config's; dialog with --manifest)")
-    p.add_argument("--num-workers", type=int, default=1)
-    p.add_argument("--shard-size", type=int, default=1000)
-    p.add_argument("--dtype", choices=["float16", "float32"], default="float16")
+    p.add_argument("--num-workers", type=int, default=1, help="processes computing features")
+    p.add_argument("--shard-size", type=int, default=1000, help="utterances per shard")
+    p.add_argument("--dtype", choices=["float16", "float32"], default="float16",
+                   help="storage type of the log-mel features")
     p.add_argument("--max-shards", type=int, default=None,
                    help="compute at most this many new shards in this invocation")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = build_parser()
     args = p.parse_args(argv)
+    if args.manifest and not args.out:
+        p.error("--manifest needs --out")
+    return clitools.run(lambda: _prepare(args), args.debug)
+
+
+def _prepare(args) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     tok = None if args.tokenizer == "none" else args.tokenizer
     common = dict(num_workers=args.num_workers, shard_size=args.shard_size, dtype=args.dtype,
                   max_shards=args.max_shards)
-    try:
-        if args.manifest:
-            if not args.out:
-                p.error("--manifest needs --out")
-            spec = DatasetSpec(name=Path(args.out).name or "data", manifest=args.manifest,
-                               root=args.root, channels=args.channels)
-            prepare_dataset(spec, Path(args.out), tokenizer=tok if args.tokenizer else "dialog",
-                            **common)
-            return 0
-        from model.train import load_config
+    if args.manifest:
+        spec = DatasetSpec(name=Path(args.out).name or "data", manifest=args.manifest,
+                           root=args.root, channels=args.channels)
+        prepare_dataset(spec, Path(args.out), tokenizer=tok if args.tokenizer else "dialog", **common)
+        return 0
+    from model.train import load_config
 
-        cfg = load_config(args.config)
-        parent = args.out or cfg.data.feature_store
-        if not parent:
-            p.error("the config has no data.feature_store: pass --out")
-        if args.tokenizer is None:
-            tok = cfg.model.tokenizer or ("emilia" if cfg.stage == "monologue" else "dialog")
-        for spec in cfg.data.train:
-            prepare_dataset(spec, Path(parent) / spec.name, tokenizer=tok, **common)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    cfg = load_config(args.config)
+    parent = args.out or cfg.data.feature_store
+    if not parent:
+        raise ValueError(f"{args.config}: the config has no data.feature_store: pass --out")
+    if args.tokenizer is None:
+        tok = cfg.model.tokenizer or ("emilia" if cfg.stage == "monologue" else "dialog")
+    for spec in cfg.data.train:
+        prepare_dataset(spec, Path(parent) / spec.name, tokenizer=tok, **common)
     return 0
 
 

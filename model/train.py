@@ -67,6 +67,8 @@ from model.zipvoice import (
     condition_time_mask_suffix,
     split_stereo_training_features,
 )
+from pipeline import clitools
+from pipeline.config import apply_overrides
 
 log = logging.getLogger("model.train")
 
@@ -153,16 +155,6 @@ class TrainConfig(_Strict):
     train: TrainSection = TrainSection()
 
 
-def _set_dotted(cfg: dict, key: str, value: Any) -> None:
-    parts = key.split(".")
-    node = cfg
-    for p in parts[:-1]:
-        node = node.setdefault(p, {})
-        if not isinstance(node, dict):
-            raise ValueError(f"--set {key}: {p!r} is not a section")
-    node[parts[-1]] = value
-
-
 def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None,
                 raw: dict | None = None) -> TrainConfig:
     """YAML (or a dict) + `section.key=value` overrides (values parsed as YAML) -> TrainConfig.
@@ -178,12 +170,7 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
             raw = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
         except yaml.YAMLError as e:
             raise ValueError(f"{p}: not valid YAML ({e})") from None
-    raw = json.loads(json.dumps(raw))  # deep copy
-    for item in overrides or []:
-        if "=" not in item:
-            raise ValueError(f"--set {item!r}: expected key=value")
-        key, value = item.split("=", 1)
-        _set_dotted(raw, key.strip(), yaml.safe_load(value))
+    raw = apply_overrides(raw, overrides)  # the pipeline's --set parser: one syntax for both
     try:
         return TrainConfig.model_validate(raw)
     except ValidationError as err:
@@ -845,11 +832,12 @@ def export_final_model(exp: Path, avg: int, *, iteration: int | None = None,
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m model.train", description=__doc__.split("\n")[0])
+    p = clitools.parser("python -m model.train", __doc__)
     p.add_argument("--config", required=True, help="training YAML (configs/train_*.yaml)")
-    p.add_argument("--exp-dir", help="override exp_dir")
+    p.add_argument("--exp-dir", help="experiment folder (overrides exp_dir of the config)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config value, e.g. --set train.num_iters=1000 (repeatable)")
+                   help="override a config value by its dotted key, the value read as YAML, e.g. "
+                        "--set train.num_iters=1000 (repeatable; validated like the file)")
     p.add_argument("--stop-after", type=int, default=None,
                    help="exit right after this update without a final save (tests, time slicing)")
     return p
@@ -857,21 +845,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    return clitools.run(lambda: _main(args), args.debug)
+
+
+def _main(args) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s",
                         stream=sys.stdout)
     overrides = list(args.overrides)
     if args.exp_dir:
         overrides.append(f"exp_dir={args.exp_dir}")
-    try:
-        cfg = load_config(args.config, overrides)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    try:
-        result = train(cfg, stop_after=args.stop_after)
-    except (ValueError, FileNotFoundError) as e:  # bad data or config: the message names it
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    cfg = load_config(args.config, overrides)
+    result = train(cfg, stop_after=args.stop_after)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         import torch.distributed as dist
 

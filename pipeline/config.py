@@ -8,6 +8,7 @@ unknown key or a bad value fails with the dotted key path, e.g.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 from dataclasses import dataclass
@@ -138,8 +139,67 @@ def parse_config(raw: dict[str, Any], source: str = "<config>", path: Path | Non
     return PipelineConfig(path, run, specs, raw)
 
 
-def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> PipelineConfig:
-    """Read and validate a YAML config; ``overrides`` are merged into the ``run`` section."""
+def parse_override(item: str) -> tuple[list[str | int], Any]:
+    """``"a.b.c=VALUE"`` -> (["a", "b", "c"], VALUE parsed as YAML: ``3.0``, ``true``, ``null``,
+    ``[1, 2]``, ``{name: x}``; anything else stays a string). A numeric part indexes a list."""
+    key, sep, value = item.partition("=")
+    key = key.strip()
+    if not sep or not key or any(not p for p in key.split(".")):
+        raise ConfigError(f"--set {item!r}: expected KEY=VALUE with a dotted key, e.g. stages.vad.threshold=0.4")
+    try:
+        parsed = yaml.safe_load(value) if value.strip() else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"--set {item!r}: the value is not valid YAML ({e})") from None
+    return [int(p) if p.isdigit() else p for p in key.split(".")], parsed
+
+
+def apply_overrides(raw: dict[str, Any], items: list[str] | None) -> dict[str, Any]:
+    """A deep copy of ``raw`` with every ``KEY=VALUE`` of ``items`` set (missing sections are
+    created). Shared by ``run_pipeline.py --set`` and ``model.train --set``; the result is then
+    validated like the file, so a misspelt key fails with its dotted path."""
+    raw = copy.deepcopy(raw)
+    for item in items or []:
+        parts, value = parse_override(item)
+        node: Any = raw
+        for depth, part in enumerate(parts[:-1]):
+            where = ".".join(str(p) for p in parts[: depth + 1])
+            if isinstance(node, list) and isinstance(part, int):
+                if part >= len(node):
+                    raise ConfigError(f"--set {item!r}: {where}: index out of range (the list has {len(node)} items)")
+                node = node[part]
+                continue
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {item!r}: {where}: the parent is not a section")
+            if node.get(part) is None:
+                node[part] = {}
+            node = node[part]
+        last = parts[-1]
+        if isinstance(node, list) and isinstance(last, int) and last < len(node):
+            node[last] = value
+        elif isinstance(node, dict):
+            node[last] = value
+        else:
+            raise ConfigError(f"--set {item!r}: {'.'.join(map(str, parts))}: the parent is not a section")
+    return raw
+
+
+def _resolve_run_paths(raw: dict[str, Any]) -> None:
+    """Relative ``run.input`` / ``run.output`` are relative to the current directory (where the
+    command runs), whatever folder the config file lives in; made absolute here so that Ray workers
+    with another working directory see the same files."""
+    run = raw.get("run")
+    if not isinstance(run, dict):
+        return
+    for key in ("input", "output"):
+        value = run.get(key)
+        if isinstance(value, str) and value:
+            run[key] = str(Path(value).expanduser().absolute())
+
+
+def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None,
+                sets: list[str] | None = None) -> PipelineConfig:
+    """Read and validate a YAML config; ``overrides`` are merged into the ``run`` section and
+    ``sets`` are ``KEY=VALUE`` overrides anywhere (``--set``)."""
     path = Path(path) if path else DEFAULT_CONFIG
     if not path.exists():
         raise ConfigError(f"{path}: config file not found")
@@ -147,6 +207,12 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
         raw = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML: {e}") from e
-    if overrides and isinstance(raw, dict):
-        raw = {**raw, "run": {**(raw.get("run") or {}), **overrides}}
-    return parse_config(raw, str(path), path)
+    source = str(path)
+    if isinstance(raw, dict):
+        if sets:
+            raw = apply_overrides(raw, sets)
+            source += " with --set " + " ".join(sets)
+        if overrides:
+            raw = {**raw, "run": {**(raw.get("run") or {}), **overrides}}
+        _resolve_run_paths(raw)
+    return parse_config(raw, source, path)

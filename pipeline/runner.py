@@ -13,6 +13,7 @@ file per stage and the ledger is written.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import fcntl
 import hashlib
@@ -20,7 +21,10 @@ import json
 import math
 import logging
 import os
+import sys
+import tempfile
 import time
+import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,7 +38,8 @@ import pyarrow.parquet as pq
 
 from pipeline import manifests, report
 from pipeline.config import PipelineConfig, StageSpec
-from pipeline.inputs import discover
+from pipeline.inputs import expand_inputs
+from pipeline.progress import Progress
 from pipeline.stage import StageContext, limit_threads
 
 log = logging.getLogger("pipeline")
@@ -303,30 +308,80 @@ def plan(inputs: list[tuple[str, str]], stages: list[StageSpec], done: dict[str,
     return rows
 
 
-def _init_ray(cfg: PipelineConfig, address: str | None) -> None:
+def _init_ray(cfg: PipelineConfig, address: str | None, verbose: bool = False) -> None:
     import ray
 
     if ray.is_initialized():
         return
     rc = cfg.run.ray
     address = address or rc.address
-    kwargs: dict[str, Any] = dict(include_dashboard=False, ignore_reinit_error=True, log_to_driver=True)
+    kwargs: dict[str, Any] = dict(include_dashboard=False, ignore_reinit_error=True, **_ray_log_options(verbose))
     if address:
         # Workers of an existing cluster get this project's code shipped with the job.
         import filters
         import pipeline
 
         kwargs["runtime_env"] = {"py_modules": [Path(pipeline.__file__).parent, Path(filters.__file__).parent]}
-        ray.init(address=address, **kwargs)
     else:
-        ray.init(num_cpus=rc.num_cpus, num_gpus=rc.num_gpus, object_store_memory=rc.object_store_memory, **kwargs)
+        kwargs.update(num_cpus=rc.num_cpus, num_gpus=rc.num_gpus, object_store_memory=rc.object_store_memory)
+    with contextlib.nullcontext() if verbose else _drop_stderr_lines(b"Set ray log level from environment"):
+        ray.init(address=address, **kwargs)
 
 
-def _build(rows: list[dict], cfg: PipelineConfig, output: Path, local: bool):
+def _ray_log_options(verbose: bool) -> dict[str, Any]:
+    """Ray's console output is for Ray developers: worker stdout/stderr, INFO lines and C++
+    warnings of Ray itself stay in Ray's log folder (/tmp/ray/session_latest/logs) unless
+    --verbose. Failures of our stages still reach the ledger with their reason."""
+    if verbose:
+        return dict(log_to_driver=True, logging_level=logging.INFO)
+    # Ray's C++ side logs its own ERRORs that no user can act on to the driver's stderr, e.g.
+    # "core_worker.cc: Actor ... has constructor arguments in the object store and max_restarts > 0"
+    # for every Ray Data actor pool (ray-project/ray#53727). It announces the level once.
+    os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "fatal")
+    return dict(log_to_driver=False, logging_level=logging.ERROR)
+
+
+@contextlib.contextmanager
+def _drop_stderr_lines(*needles: bytes):
+    """Capture file descriptor 2 (C++ code writes there directly), then write back every line
+    that contains none of ``needles``."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as tmp:
+        os.dup2(tmp.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            tmp.seek(0)
+            kept = [ln for ln in tmp.read().splitlines(keepends=True) if not any(n in ln for n in needles)]
+            if kept:
+                sys.stderr.write(b"".join(kept).decode(errors="replace"))
+                sys.stderr.flush()
+
+
+def _quiet_ray_data(verbose: bool) -> None:
+    """Ray Data logs through its own console handler (not the root logger): raise its level."""
+    import ray.data  # noqa: F401 - configures the "ray.data" logger, which we then adjust
+
+    if verbose:
+        return
+    for h in logging.getLogger("ray.data").handlers:
+        if getattr(h, "name", None) == "console":
+            h.setLevel(logging.ERROR)
+    # e.g. "The maximum number of concurrent tasks for 'MapBatches(_run_task)' is set to 2, but ...".
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"ray\.")
+
+
+def _build(rows: list[dict], cfg: PipelineConfig, output: Path, local: bool, verbose: bool = False):
     import ray
 
+    _quiet_ray_data(verbose)
     ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = cfg.run.progress
+    # Ray Data's own bars name operators, not stages (our Progress does): only with --verbose.
+    ctx.enable_progress_bars = verbose
     ctx.print_on_execution_start = False
     table = pa.Table.from_pylist(rows, schema=FLOW_SCHEMA)
     # Many small blocks so that the first stages start on several workers at once.
@@ -443,16 +498,20 @@ def build_ledger(output: Path, inputs: list[tuple[str, str]], stages: list[Stage
     return manifests.to_table("ledger", rows)
 
 
-def run_pipeline(cfg: PipelineConfig, input_spec: str | Path | None = None, output: str | Path | None = None,
-                 ray_address: str | None = None) -> RunResult:
+def run_pipeline(cfg: PipelineConfig, input_spec: str | Path | list[str | Path] | None = None,
+                 output: str | Path | None = None, ray_address: str | None = None, *,
+                 verbose: bool = False) -> RunResult:
+    """Run every stage on the inputs. ``input_spec``: a folder, a list file, a file, a glob, or a
+    list of those (:func:`pipeline.inputs.expand_inputs`); default ``run.input`` of the config.
+    ``verbose``: Ray's own progress bars and worker logs on the console."""
     t0 = time.time()
     input_spec = input_spec or cfg.run.input
     if not input_spec:
-        raise ValueError("no input: pass --input or set run.input in the config")
+        raise ValueError("no input: name files or folders on the command line or set run.input in the config")
     output = Path(output or cfg.run.output).resolve()
     lock = _lock(output)
     try:
-        inputs = discover(input_spec)
+        inputs = expand_inputs(input_spec)
         (output / "run_config.json").write_text(json.dumps(
             {"config_file": str(cfg.path) if cfg.path else None, "config": cfg.raw,
              "stages": [{"name": s.name, "fingerprint": s.fingerprint} for s in cfg.stages]}, indent=2, default=str))
@@ -462,14 +521,17 @@ def run_pipeline(cfg: PipelineConfig, input_spec: str | Path | None = None, outp
         rows = plan(inputs, cfg.stages, done)
         _say(f"{len(inputs)} input files; {len(inputs) - len(rows)} already finished; {len(rows)} to run")
         if rows:
-            for i, spec in enumerate(cfg.stages):
-                n = sum(r["resume_from"] <= i for r in rows)
-                _say(f"  {spec.name:<15} up to {n} recordings  [{spec.cls.__name__}, fingerprint {spec.fingerprint}]")
-            _init_ray(cfg, ray_address)
-            ds = _build(rows, cfg, output, local=not (ray_address or cfg.run.ray.address))
-            finished = 0
-            for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-                finished += batch.num_rows
+            planned = [sum(r["resume_from"] <= i for r in rows) for i in range(len(cfg.stages))]
+            progress = Progress([s.name for s in cfg.stages], planned, mode="auto" if cfg.run.progress else "off")
+            watcher = _PartWatcher(output, cfg.stages, progress)
+            _init_ray(cfg, ray_address, verbose)
+            ds = _build(rows, cfg, output, local=not (ray_address or cfg.run.ray.address), verbose=verbose)
+            progress.start(watcher)
+            try:
+                for _ in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+                    pass
+            finally:
+                progress.close()
         for spec in cfg.stages:
             compact(output, spec)
         done = {spec.name: load_outcomes(output, spec) for spec in cfg.stages}
@@ -489,6 +551,34 @@ def run_pipeline(cfg: PipelineConfig, input_spec: str | Path | None = None, outp
         return RunResult(output, len(inputs), len(rows), ledger, time.time() - t0)
     finally:
         lock.close()
+
+
+class _PartWatcher:
+    """Feeds the progress display from the part files that appear during the run (each is one
+    finished batch with the verdict of every recording in it); parts present at the start and
+    parts of other fingerprints are not this run's work."""
+
+    def __init__(self, output: Path, stages: list[StageSpec], progress: Progress):
+        self.dirs = [_stage_dirs(output, s.name)[0] for s in stages]
+        self.fingerprints = [s.fingerprint for s in stages]
+        self.progress = progress
+        self.seen = [set(os.listdir(d)) if d.is_dir() else set() for d in self.dirs]
+
+    def __call__(self) -> None:
+        for i, d in enumerate(self.dirs):
+            try:
+                names = os.listdir(d)
+            except FileNotFoundError:
+                continue
+            for name in names:
+                if name in self.seen[i] or not (name.startswith("part-") and name.endswith(".parquet")):
+                    continue
+                self.seen[i].add(name)
+                meta = part_meta(d / name)
+                if meta is None or meta.get("fingerprint") != self.fingerprints[i]:
+                    continue
+                outcomes = {rid: v[0] for rid, v in meta.get("outcomes", {}).items()}
+                self.progress.record(i, outcomes, float(meta.get("audio_seconds") or 0.0))
 
 
 def _write_stage_record(output: Path, spec: StageSpec) -> None:

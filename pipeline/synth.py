@@ -38,6 +38,8 @@ import numpy as np
 import soundfile as sf
 import soxr
 
+from pipeline import clitools
+
 ESPEAK_SR = 22050
 SPEECH_DBFS = -23.0  # per-utterance RMS; leaves headroom for overlaps plus noise
 
@@ -876,39 +878,54 @@ def _write_bad_inputs(out: Path) -> None:
 # CLI
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m pipeline.synth", description=__doc__.split("\n\n")[0])
-    sub = p.add_subparsers(dest="cmd", required=True)
-    ex = sub.add_parser("example", help="build the bundled example")
-    ex.add_argument("--out", default="examples/audio")
+def build_parser() -> argparse.ArgumentParser:
+    p = clitools.parser("python -m pipeline.synth", __doc__.split("\n\n")[0])
+    sub = clitools.subparsers(p, dest="cmd", required=True, metavar="KIND")
+    ex = sub.add_parser("example", help="build the bundled example", description="Build the bundled example.")
+    ex.add_argument("--out", default="examples/audio", help="audio folder")
     ex.add_argument("--truth", default=None, help="truth folder (default: <out>/../truth)")
     for kind in ("dialogue", "meeting", "monologue", "silence", "long"):
-        q = sub.add_parser(kind, help=f"one {kind} clip: audio + truth JSON")
+        q = sub.add_parser(kind, help=f"one {kind} clip: audio + truth JSON",
+                           description=f"Write one {kind} clip and its truth JSON.")
         q.add_argument("--out", required=True, help="audio path; the suffix picks the format")
         q.add_argument("--truth", default=None, help="truth JSON path (default: beside the audio)")
-        q.add_argument("--seed", type=int, default=0)
-        q.add_argument("--duration", type=float, default=None, help="seconds")
-        q.add_argument("--sr", type=int, default=16000)
-        q.add_argument("--channels", type=int, default=None)
+        q.add_argument("--seed", type=int, default=0, help="random seed: same seed, same clip")
+        q.add_argument("--duration", type=float, default=None,
+                       help="seconds (default: from the number of turns; silence 10, long 3600)")
+        q.add_argument("--sr", type=int, default=16000, help="sample rate of the written file (Hz)")
+        q.add_argument("--channels", type=int, default=None,
+                       help="channels of the written file (default: 1; copies of the mono signal)")
         q.add_argument("--subtype", default=None, help="soundfile subtype, e.g. PCM_24")
         if kind == "silence":
-            q.add_argument("--noise-dbfs", type=float, default=None)
-            q.add_argument("--music-dbfs", type=float, default=None)
+            q.add_argument("--noise-dbfs", type=float, default=None, help="add white noise at this level (dBFS)")
+            q.add_argument("--music-dbfs", type=float, default=None, help="add music-like tones at this level (dBFS)")
             continue
-        q.add_argument("--language", default="en", choices=sorted(VOICES))
-        q.add_argument("--turns", type=int, default=None)
-        q.add_argument("--pause", type=float, nargs=2, default=None, metavar=("LO", "HI"))
-        q.add_argument("--overlap-prob", type=float, default=0.0)
-        q.add_argument("--backchannel-prob", type=float, default=0.0)
-        q.add_argument("--snr", type=float, default=None, help="noise SNR in dB")
-        q.add_argument("--noise-color", default="white", choices=["white", "pink"])
-        q.add_argument("--music-db", type=float, default=None, help="music level re speech, dB")
+        q.add_argument("--language", default="en", choices=sorted(VOICES), help="language of the text and voices")
+        q.add_argument("--turns", type=int, default=None,
+                       help="number of turns (default: 8 for a dialogue, 10 for a meeting) or sentences (monologue: 6)")
+        q.add_argument("--pause", type=float, nargs=2, default=None, metavar=("LO", "HI"),
+                       help="range of the pause between turns in seconds (default: 0.2 0.8; monologue 0.3 0.9)")
+        q.add_argument("--overlap-prob", type=float, default=0.0, help="probability that a turn overlaps the previous one")
+        q.add_argument("--backchannel-prob", type=float, default=0.0,
+                       help="probability of a short back-channel from the listener during or after a turn (of over 2 s)")
+        q.add_argument("--snr", type=float, default=None, help="noise SNR in dB (default: no noise)")
+        q.add_argument("--noise-color", default="white", choices=["white", "pink"], help="noise spectrum")
+        q.add_argument("--music-db", type=float, default=None, help="music level re speech, dB (default: no music)")
         if kind in ("meeting", "long"):
-            q.add_argument("--speakers", type=int, default=3)
+            q.add_argument("--speakers", type=int, default=3, help="number of speakers of a meeting")
         if kind == "long":
-            q.add_argument("--kind", default="dialogue", choices=["dialogue", "meeting", "monologue"])
-    a = p.parse_args(argv)
+            q.add_argument("--kind", default="dialogue", choices=["dialogue", "meeting", "monologue"],
+                           help="what the long file contains")
+    return p
 
+
+def main(argv: list[str] | None = None) -> int:
+    p = build_parser()
+    a = p.parse_args(argv)
+    return clitools.run(lambda: _synth(a), a.debug)
+
+
+def _synth(a) -> int:
     if a.cmd == "example":
         for row in build_example(a.out, a.truth):
             print(f"{row['file']:24s} {row.get('duration', '-')!s:>8} {row['kind']}")

@@ -27,6 +27,7 @@ from model.eval.metrics import (
     wer_counts,
 )
 from model.features import load_audio
+from pipeline import clitools
 
 log = logging.getLogger("model.eval")
 METRICS = ("wer", "cpwer", "cpsim", "utmos")
@@ -152,18 +153,19 @@ def _prompt_embeddings(it: TestItem, embed, diarize) -> list[np.ndarray]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m model.eval", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = clitools.parser("python -m model.eval", __doc__)
     p.add_argument("--test-list", required=True, help="tsv with 6 (split prompts) or 4 (merged prompt) columns")
     p.add_argument("--gen-dir", required=True, help="directory of generated <name>.<extension> files")
-    p.add_argument("--extension", default="wav")
+    p.add_argument("--extension", default="wav", help="file extension of the generated audio")
     p.add_argument("--metrics", default="wer,cpwer,cpsim", help=f"comma-separated subset of {','.join(METRICS)}")
-    p.add_argument("--lang", default="en", choices=["en", "zh"])
+    p.add_argument("--lang", default="en", choices=["en", "zh"], help="language of the test set")
     p.add_argument("--asr", default="jordand/whisper-d-v1a", help="Whisper dir / hub id, or 'pocketsphinx'")
-    p.add_argument("--embedder", default="resemblyzer", choices=["resemblyzer", "wavlm-ecapa"])
+    p.add_argument("--embedder", default="resemblyzer", choices=["resemblyzer", "wavlm-ecapa"],
+                   help="speaker embedder of cpSIM")
     p.add_argument("--ecapa-checkpoint", help="wavlm_large_finetune.pth (for --embedder wavlm-ecapa)")
     p.add_argument("--wavlm-dir", help="local Hugging Face WavLM-Large directory (for --embedder wavlm-ecapa)")
     p.add_argument("--utmos-model", help="UTMOS22 TorchScript file")
-    p.add_argument("--device", default=None)
+    p.add_argument("--device", default=None, help="torch device (default: cuda when present for ASR, cpu for speakers)")
     p.add_argument("--num-threads", type=int, default=1, help="torch CPU threads (1, as the reference scripts)")
     p.add_argument("--decode-path", help="write per-utterance results (jsonl) here")
     p.add_argument("--output", help="write the summary json here")
@@ -202,9 +204,11 @@ def main(argv: list[str] | None = None) -> dict:
     return result
 
 
+def cli(argv: list[str] | None = None) -> int:
+    """``python -m model.eval``: :func:`main` with errors as one ``error:`` line (exit 2)."""
+    debug = "--debug" in (sys.argv[1:] if argv is None else argv)
+    return clitools.run(lambda: (main(argv), 0)[1], debug)
+
+
 if __name__ == "__main__":
-    try:
-        main()
-    except (FileNotFoundError, ValueError, RuntimeError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(1)
+    sys.exit(cli())
