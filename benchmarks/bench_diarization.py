@@ -27,6 +27,7 @@ meaningful, so pyannote's DER on the real recordings is not measured.
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import sys
 import tempfile
@@ -211,6 +212,7 @@ def run_pyannote(out: Path, seconds: float | None) -> None:
     clip = synth_long(seconds, seed=7, kind="dialogue")
     path = out / "long.wav"
     write_clip(clip, path)
+    torch.set_num_threads(os.cpu_count() or 1)
     d = PyannoteDiarizer(PyannoteSettings(model=str(pdir), batch_size=32), device=device,
                          num_threads=torch.get_num_threads())
     d.diarize(str(path), [], min(clip.truth.duration, 30.0))  # warm-up (CUDA kernels, first allocations)
@@ -239,6 +241,9 @@ def main() -> None:
                    help="audio for the pyannote timing (default 300 s on CUDA, 30 s on CPU)")
     a = p.parse_args()
     settings = EmbeddedSettings(**dict(kv.split("=", 1) for kv in a.set))
+    import torch
+
+    torch.set_num_threads(1)  # as in a pipeline worker; also keeps a busy machine from thrashing
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp)
         runner = Runner(settings)
