@@ -1,22 +1,34 @@
-"""Diarization benchmark on generated audio with exact truth (pipeline/synth.py).
+"""Diarization benchmark: real recordings and generated audio with exact truth.
 
-Prints, for the embedded backend: DER (pyannote.metrics, no collar, overlap scored) per condition
-(clean dialogues, dialogues with back-channels and overlaps, dialogues in white noise at 10 dB
-SNR), speaker-count accuracy on dialogues, monologues and 3-speaker meetings, and the real-time
-factor on this machine's CPU. Speech spans come from the real VAD stage (silero), so the DER
+Prints, for the embedded backend, one line per real recording and one per generated condition:
+DER (pyannote.metrics, no collar, overlapped speech scored) split into missed speech, false alarm
+and speaker confusion, the number of speakers found vs the true number, and the real-time factor
+on this machine's CPU. Speech spans come from the real VAD stage (silero) run on the 16 kHz
+analysis copy the ingest stage makes (an 8 kHz file is upsampled, as in the pipeline), so the DER
 includes VAD errors, as in the pipeline.
+
+Real recordings: every `*_<N>spk_*` file of `../shared/realspeech/` (true count from the name,
+reference turns from a `.rttm` beside it when there is one) and pyannote.audio's packaged
+`sample.wav` + `sample.rttm`. Without a reference only the speaker count is scored.
+
+Generated conditions (pipeline/synth.py, espeak voices): clean dialogues, back-channels and
+overlapped turn changes, white noise at 10 dB SNR, one speaker 12 dB quieter, telephone band
+(written at 8 kHz, upsampled by the ingest), monologues, 3- and 4-speaker meetings.
 
 For the pyannote backend it builds a pipeline directory with random weights at the real model
 sizes (PyanNet segmentation, WeSpeaker ResNet34 embedding, a PLDA from random arrays) and prints
-its real-time factor on CUDA when available, else on CPU. Random weights say nothing about
-accuracy: only the speed is meaningful.
+its real-time factor on CUDA when available, else on CPU. The real pyannote weights come from the
+hub, which is unreachable here: random weights say nothing about accuracy, only the speed is
+meaningful, so pyannote's DER on the real recordings is not measured.
 
-    .venv/bin/python benchmarks/bench_diarization.py [--n 8] [--duration 40] [--no-pyannote]
+    .venv/bin/python benchmarks/bench_diarization.py [--n 6] [--duration 30] [--no-pyannote]
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import re
 import sys
 import tempfile
 import time
@@ -29,63 +41,141 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 warnings.filterwarnings("ignore")
 
+from pipeline.audio import decode_to_wav  # noqa: E402
 from pipeline.backends.diarization import diarization_error, row_fields  # noqa: E402
 from pipeline.backends.diarization.embedded import EmbeddedDiarizer, EmbeddedSettings  # noqa: E402
 from pipeline.stages.vad import SileroOnnx, VadConfig, speech_spans  # noqa: E402
-from pipeline.synth import synth_dialogue, synth_meeting, synth_monologue, write_clip  # noqa: E402
+from pipeline.synth import Clip, synth_dialogue, synth_meeting, synth_monologue, write_clip  # noqa: E402
 
-CONDITIONS = {
-    "clean": lambda seed, d: synth_dialogue(seed, duration=d),
-    "backchannel": lambda seed, d: synth_dialogue(seed, duration=d, backchannel_prob=0.6, overlap_prob=0.2),
-    "noise_10dB": lambda seed, d: synth_dialogue(seed, duration=d, noise_snr_db=10.0),
-    "monologue": lambda seed, d: synth_monologue(seed, duration=d),
-    "meeting3": lambda seed, d: synth_meeting(seed, duration=d, n_speakers=3),
+REALSPEECH = ROOT.parent / "shared" / "realspeech"
+
+
+def quieter(clip: Clip, speaker: str, db: float) -> Clip:
+    """The same clip with one speaker ``db`` quieter (needs the stems)."""
+    gain = np.float32(10 ** (-db / 20))
+    audio = clip.audio - clip.stems[speaker] * (1 - gain)
+    return Clip(audio, clip.truth, None)
+
+
+CONDITIONS = {  # name -> (clip maker, sample rate written)
+    "clean": (lambda seed, d: synth_dialogue(seed, duration=d), None),
+    "backchannel": (lambda seed, d: synth_dialogue(seed, duration=d, backchannel_prob=0.6, overlap_prob=0.2), None),
+    "noise_10dB": (lambda seed, d: synth_dialogue(seed, duration=d, noise_snr_db=10.0), None),
+    "quiet_12dB": (lambda seed, d: quieter(synth_dialogue(seed, duration=d, keep_stems=True), "S2", 12.0), None),
+    "phone_8k": (lambda seed, d: synth_dialogue(seed, duration=d), 8000),
+    "monologue": (lambda seed, d: synth_monologue(seed, duration=d), None),
+    "meeting3": (lambda seed, d: synth_meeting(seed, duration=d, n_speakers=3), None),
+    "meeting4": (lambda seed, d: synth_meeting(seed, duration=d * 1.5, n_speakers=4), None),
 }
 
 
-def der(truth, turns: list[dict]) -> tuple[float, float, float, float]:
-    """(DER, missed, false alarm, confusion) as fractions of the reference speech."""
-    e = diarization_error([(t.start, t.end, t.speaker) for t in truth.turns],
-                          [(t["start"], t["end"], t["speaker"]) for t in turns], truth.duration)
-    return e["der"], e["missed"], e["false_alarm"], e["confusion"]
+def read_rttm(path: Path) -> list[tuple[float, float, str]]:
+    turns = []
+    for line in path.read_text().splitlines():
+        f = line.split()
+        if f and f[0] == "SPEAKER":
+            turns.append((float(f[3]), float(f[3]) + float(f[4]), f[7]))
+    return turns
 
 
-def make_set(kind: str, n: int, duration: float, out: Path, seed0: int = 1000):
+def real_items(out: Path) -> list[dict]:
+    """Real recordings as analysis copies: name, path, duration, true count, reference or None."""
+    import soundfile as sf
+
+    sources = []
+    for p in sorted(REALSPEECH.glob("*.wav")):
+        m = re.search(r"_(\d+)spk_", p.name)
+        if m:
+            rttm = p.with_suffix(".rttm")
+            sources.append((p, int(m.group(1)), read_rttm(rttm) if rttm.exists() else None))
+    try:
+        import pyannote.audio
+
+        sample = Path(pyannote.audio.__file__).parent / "sample"
+        sources.append((sample / "sample.wav", 2, read_rttm(sample / "sample.rttm")))
+    except ImportError:
+        pass
     items = []
-    for i in range(n):
-        clip = CONDITIONS[kind](seed0 + i, duration)
-        path = out / f"{kind}_{i}.wav"
-        write_clip(clip, path)
-        items.append((path, clip.truth))
+    for p, n, ref in sources:
+        copy = out / f"real_{p.stem}.wav"
+        decode_to_wav(p, copy)
+        items.append(dict(name=p.stem, path=copy, duration=sf.info(str(copy)).duration, speakers=n, ref=ref))
     return items
 
 
-def run_embedded(sets: dict, settings: EmbeddedSettings) -> None:
-    vad = SileroOnnx()
-    vad_cfg = VadConfig()
-    diarizer = EmbeddedDiarizer(settings)
-    path, truth = next(iter(sets.values()))[0]  # warm-up: lazy imports, first allocations
-    diarizer.diarize(str(path), [(0.0, truth.duration)], truth.duration)
-    print(f"\nembedded backend ({settings.model_dump()})")
-    print(f"{'condition':12s} {'files':>5s} {'DER%':>6s} {'miss%':>6s} {'FA%':>6s} {'conf%':>6s} "
-          f"{'spk ok':>7s} {'RTF':>7s}  per-file DER% (found/true speakers)")
+def generated_items(kind: str, n: int, duration: float, out: Path, seed0: int) -> list[dict]:
+    make, rate = CONDITIONS[kind]
+    items = []
+    for i in range(n):
+        clip = make(seed0 + i, duration)
+        path = out / f"{kind}_{i}.wav"
+        write_clip(clip, path, target_sr=rate)
+        if rate:  # the pipeline diarizes the ingest's 16 kHz copy
+            decode_to_wav(path, out / f"{kind}_{i}.16k.wav")
+            path = out / f"{kind}_{i}.16k.wav"
+        t = clip.truth
+        items.append(dict(name=f"{kind}_{i}", path=path, duration=t.duration, speakers=len(t.speakers),
+                          ref=[(x.start, x.end, x.speaker) for x in t.turns]))
+    return items
+
+
+class Runner:
+    def __init__(self, settings: EmbeddedSettings):
+        self.vad = SileroOnnx()
+        self.diarizer = EmbeddedDiarizer(settings)
+
+    def __call__(self, item: dict) -> dict:
+        speech = speech_spans(self.vad.probabilities([str(item["path"])])[0], item["duration"], VadConfig())
+        t0 = time.perf_counter()
+        fields = row_fields(self.diarizer.diarize(str(item["path"]), speech, item["duration"], 1, 4))
+        secs = time.perf_counter() - t0
+        hyp = [(t["start"], t["end"], t["speaker"]) for t in fields["turns"]]
+        err = diarization_error(item["ref"], hyp, item["duration"]) if item["ref"] is not None else None
+        return dict(err=err, found=fields["num_speakers"], secs=secs, fields=fields)
+
+
+HEADER = (f"{'':34s} {'DER%':>6s} {'miss%':>6s} {'FA%':>6s} {'conf%':>6s} {'speakers':>9s} {'RTF':>7s}")
+
+
+def _row(name: str, errs: list, found: str, secs: float, audio: float, extra: str = "") -> str:
+    if errs:
+        m = np.mean([[e["der"], e["missed"], e["false_alarm"], e["confusion"]] for e in errs], axis=0) * 100
+        cols = " ".join(f"{v:6.2f}" for v in m)
+    else:
+        cols = " ".join(f"{'-':>6s}" for _ in range(4))
+    return f"{name:34s} {cols} {found:>9s} {secs / audio:7.4f}  {extra}"
+
+
+def run_real(runner: Runner, items: list[dict]) -> None:
+    print("\nreal recordings (speakers: found/true)")
+    print(HEADER)
+    right, two = 0, []
+    for it in items:
+        r = runner(it)
+        right += r["found"] == it["speakers"]
+        if r["err"] is not None and it["speakers"] == 2:
+            two.append(r["err"]["der"])
+        ov = r["fields"]["overlap_ratio"]
+        print(_row(it["name"][:34], [r["err"]] if r["err"] else [], f"{r['found']}/{it['speakers']}",
+                   r["secs"], it["duration"], f"overlap ratio {ov:.2f}"))
+    print(f"speaker count right on {right}/{len(items)} real recordings; "
+          f"mean DER on real 2-speaker recordings with a reference: "
+          + (f"{100 * np.mean(two):.2f}% ({len(two)} files)" if two else "none"))
+
+
+def run_generated(runner: Runner, sets: dict) -> None:
+    print("\ngenerated conditions (speakers: files with the right count; per-file DER% (found/true))")
+    print(HEADER)
     for kind, items in sets.items():
-        scores, right, secs, audio = [], 0, 0.0, 0.0
-        details = []
-        for path, truth in items:
-            prob = vad.probabilities([str(path)])[0]
-            speech = speech_spans(prob, truth.duration, vad_cfg)
-            t0 = time.perf_counter()
-            fields = row_fields(diarizer.diarize(str(path), speech, truth.duration, 1, 4))
-            secs += time.perf_counter() - t0
-            audio += truth.duration
-            s = der(truth, fields["turns"])
-            scores.append(s)
-            right += fields["num_speakers"] == len(truth.speakers)
-            details.append(f"{100 * s[0]:.1f}({fields['num_speakers']}/{len(truth.speakers)})")
-        m = np.mean(scores, axis=0) * 100
-        print(f"{kind:12s} {len(items):5d} {m[0]:6.2f} {m[1]:6.2f} {m[2]:6.2f} {m[3]:6.2f} "
-              f"{right:3d}/{len(items):<3d} {secs / audio:7.4f}  {' '.join(details)}")
+        errs, right, secs, audio, details = [], 0, 0.0, 0.0, []
+        for it in items:
+            r = runner(it)
+            errs.append(r["err"])
+            right += r["found"] == it["speakers"]
+            secs += r["secs"]
+            audio += it["duration"]
+            details.append(f"{100 * r['err']['der']:.1f}({r['found']}/{it['speakers']})")
+        print(_row(kind, errs, f"{right}/{len(items)}", secs, audio, " ".join(details)))
 
 
 def run_long(out: Path, seconds: float, settings: EmbeddedSettings) -> None:
@@ -103,22 +193,26 @@ def run_long(out: Path, seconds: float, settings: EmbeddedSettings) -> None:
     t0 = time.perf_counter()
     fields = row_fields(diarizer.diarize(str(path), speech, clip.truth.duration, 1, 4))
     secs = time.perf_counter() - t0
-    d = der(clip.truth, fields["turns"])
-    print(f"long dialogue {clip.truth.duration:.0f} s: embedded diarization {secs:.1f} s, RTF {secs / clip.truth.duration:.4f} "
-          f"(VAD {t_vad / clip.truth.duration:.4f}); DER {100 * d[0]:.2f}%, {fields['num_speakers']} speakers")
+    d = diarization_error([(t.start, t.end, t.speaker) for t in clip.truth.turns],
+                          [(t["start"], t["end"], t["speaker"]) for t in fields["turns"]], clip.truth.duration)
+    print(f"\nlong dialogue {clip.truth.duration:.0f} s: embedded diarization {secs:.1f} s, RTF "
+          f"{secs / clip.truth.duration:.4f} (VAD {t_vad / clip.truth.duration:.4f}); DER {100 * d['der']:.2f}%, "
+          f"{fields['num_speakers']} speakers")
 
 
 def run_pyannote(out: Path, seconds: float | None) -> None:
     import torch
 
     from pipeline.backends.diarization.pyannote import PyannoteDiarizer, PyannoteSettings, write_random_pipeline
+    from pipeline.synth import synth_long
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     seconds = seconds or (300.0 if device == "cuda" else 30.0)
     pdir = write_random_pipeline(out / "pyannote_random", size="full")
-    clip = synth_long_dialogue(seconds)
+    clip = synth_long(seconds, seed=7, kind="dialogue")
     path = out / "long.wav"
     write_clip(clip, path)
+    torch.set_num_threads(os.cpu_count() or 1)
     d = PyannoteDiarizer(PyannoteSettings(model=str(pdir), batch_size=32), device=device,
                          num_threads=torch.get_num_threads())
     d.diarize(str(path), [], min(clip.truth.duration, 30.0))  # warm-up (CUDA kernels, first allocations)
@@ -127,23 +221,19 @@ def run_pyannote(out: Path, seconds: float | None) -> None:
     secs = time.perf_counter() - t0
     print(f"\npyannote backend, random weights at real sizes (PyanNet + WeSpeaker ResNet34), {device}: "
           f"{clip.truth.duration:.0f} s of audio in {secs:.2f} s, RTF {secs / clip.truth.duration:.4f} "
-          f"({len(res.turns)} turns from random weights)")
+          f"({len(res.turns)} turns from random weights; its DER is not measured: the real weights "
+          f"come from the hub, unreachable here)")
     if device == "cpu":
         print("CUDA is not available here: no GPU real-time factor measured.")
 
 
-def synth_long_dialogue(seconds: float):
-    from pipeline.synth import synth_long
-
-    return synth_long(seconds, seed=7, kind="dialogue")
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--n", type=int, default=8, help="files per condition")
-    p.add_argument("--duration", type=float, default=40.0, help="seconds per file")
+    p.add_argument("--n", type=int, default=6, help="files per generated condition")
+    p.add_argument("--duration", type=float, default=30.0, help="seconds per generated file (meetings of 4: 1.5x)")
     p.add_argument("--conditions", nargs="*", default=list(CONDITIONS))
-    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="embedded settings, e.g. threshold=0.9")
+    p.add_argument("--no-real", action="store_true", help="skip the real recordings")
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="embedded settings, e.g. threshold=0.7")
     p.add_argument("--seed", type=int, default=1000, help="seed of the first file of each condition")
     p.add_argument("--long-seconds", type=float, default=600.0, help="length of the long-file run (0: skip)")
     p.add_argument("--no-pyannote", action="store_true")
@@ -151,10 +241,21 @@ def main() -> None:
                    help="audio for the pyannote timing (default 300 s on CUDA, 30 s on CPU)")
     a = p.parse_args()
     settings = EmbeddedSettings(**dict(kv.split("=", 1) for kv in a.set))
+    import torch
+
+    torch.set_num_threads(1)  # as in a pipeline worker; also keeps a busy machine from thrashing
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp)
-        sets = {k: make_set(k, a.n, a.duration, out, a.seed) for k in a.conditions}
-        run_embedded(sets, settings)
+        runner = Runner(settings)
+        print(f"embedded backend ({settings.model_dump()})")
+        real = [] if a.no_real else real_items(out)
+        sets = {k: generated_items(k, a.n, a.duration, out, a.seed) for k in a.conditions}
+        first = (real or next(iter(sets.values())))[0]
+        runner(first)  # warm-up: lazy imports, first allocations
+        if real:
+            run_real(runner, real)
+        if sets:
+            run_generated(runner, sets)
         if a.long_seconds:
             run_long(out, a.long_seconds, settings)
         if not a.no_pyannote:

@@ -1,8 +1,9 @@
 """Diarization: who speaks when, per recording (turns, exclusive turns, overlaps).
 
 Two backends (pipeline/backends/diarization/): ``embedded`` (offline, CPU-friendly: resemblyzer
-embeddings of windows inside the VAD spans, spectral clustering; reports no overlaps) and
-``pyannote`` (pyannote.audio 4.x, community-1 from the hub or a local copy; finds overlaps).
+embeddings of windows inside the VAD spans, agglomerative clustering, Viterbi turns; reports no
+overlaps) and ``pyannote`` (pyannote.audio 4.x, community-1 from the hub or a local copy; finds
+overlaps).
 Each has its own settings block; only the block of the chosen backend is used.
 
 Rejected: recordings with less VAD speech than ``min_speech`` seconds, and recordings in which

@@ -2,19 +2,23 @@
 
 1. Speech spans (from VAD) are cut into short overlapping windows (default 1.5 s, hop 0.75 s;
    a shorter span is one window) and each window gets a GE2E speaker embedding from
-   resemblyzer's `VoiceEncoder`, whose weights ship in the pip package.
-2. The windows are clustered by spectral clustering whose number of speakers is the largest
-   eigengap (NME-SC), bounded by min/max speakers; K = 1 is a possible answer. Speakers whose
-   centroids are closer than ``threshold`` (cosine similarity) are then merged: the 1-vs-2 check
-   that keeps a monologue one speaker.
-3. Turns are rebuilt frame by frame (10 ms): each frame goes to the speaker whose centroid the
-   windows covering it resemble most on average; speaker changes shorter than ``min_turn``
-   inside a speech span are smoothed away, and same-speaker turns at most ``merge_gap`` apart
-   are joined.
+   resemblyzer's `VoiceEncoder`, whose weights ship in the pip package. Every window is brought
+   to the same loudness first, so a quiet speaker is not a different speaker.
+2. Speakers: average-linkage agglomerative clustering of the windows (cosine similarity), merged
+   while the mean similarity between two groups is at least ``threshold``; the number of groups
+   left is the number of speakers (K = 1 included), within min/max speakers. The threshold is
+   a property of the embedding (same-voice vs different-voice similarity of resemblyzer
+   windows), not of a recording, so it transfers across recordings. A group holding less than
+   ``min_speaker`` seconds of windows is not counted as a speaker (overlapped speech, laughter
+   and noise bursts form such groups on real recordings): it joins its nearest group.
+3. Turns: each 10 ms frame scores every speaker by the mean similarity of the windows covering it
+   to the speaker's centroid; inside each speech span a Viterbi search picks the speaker
+   sequence with the highest total score minus ``change_penalty`` per change, and same-speaker
+   turns at most ``merge_gap`` apart are joined.
 
 One speaker per window: overlapped speech goes to one of the speakers, so this backend reports
-no overlaps (its exclusive turns are its turns). Back-channels inside another speaker's turn are
-mostly absorbed by that turn.
+no overlaps (its exclusive turns are its turns). A back-channel in its own VAD span gets its own
+speaker decision; one inside another speaker's speech is mostly absorbed by that turn.
 """
 
 from __future__ import annotations
@@ -31,9 +35,7 @@ FRAME = 0.01  # resemblyzer's mel hop (10 ms); also the resolution of the output
 N_FFT = 400  # 25 ms mel window
 TARGET_DBFS = -30.0  # resemblyzer normalises its training utterances to this level
 MAX_SPEAKERS = 8  # when max_speakers is not set
-MIN_SPECTRAL = 6  # fewer windows than this are clustered by merging alone
 MAX_CLUSTERED = 800  # windows clustered at most (spread over the recording); the rest are assigned
-P_CANDIDATES = 24  # neighbourhood sizes tried by NME-SC
 
 
 class EmbeddedSettings(BaseModel):
@@ -41,8 +43,9 @@ class EmbeddedSettings(BaseModel):
 
     window: float = Field(1.5, ge=0.5, le=6.0, description="seconds of speech behind one speaker embedding")
     hop: float = Field(0.75, gt=0, description="seconds between window starts (at most window)")
-    threshold: float = Field(0.88, gt=0, le=1, description="speakers whose centroids have a higher cosine similarity are merged (lower finds fewer speakers; 1 never merges)")
-    min_turn: float = Field(0.5, ge=0, description="seconds; a shorter speaker change inside one speech span is smoothed away")
+    threshold: float = Field(0.7, gt=0, le=1, description="groups of windows whose mean cosine similarity is at least this are one speaker (lower finds fewer speakers)")
+    min_speaker: float = Field(3.0, ge=0, description="seconds of clustered windows (count x hop) a speaker needs; smaller groups join the nearest speaker")
+    change_penalty: float = Field(0.1, ge=0, description="similarity x seconds a speaker change inside one speech span must gain (higher: fewer, longer turns)")
     merge_gap: float = Field(0.3, ge=0, description="seconds; same-speaker turns at most this far apart are joined")
     batch_size: int = Field(64, ge=1, description="windows per encoder call")
 
@@ -156,23 +159,21 @@ class EmbeddedDiarizer:
 
         Windows shorter than half the window size (weight < 0.5) give noisy embeddings: they
         are left out unless nothing else is there. Long recordings are clustered on an evenly
-        spread subset of windows (the eigen-decomposition is cubic in their number)."""
+        spread subset of windows (average linkage is quadratic in their number)."""
         reliable = np.flatnonzero(weights >= 0.5)
         if len(reliable) < 2:
             reliable = np.arange(len(emb))
         if len(reliable) > MAX_CLUSTERED:
             reliable = reliable[np.linspace(0, len(reliable) - 1, MAX_CLUSTERED).round().astype(int)]
         x = emb[reliable].astype(np.float64)
+        x /= np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-10)
         hi = max(1, min(max_speakers or MAX_SPEAKERS, len(x)))
         lo = max(1, min(min_speakers, hi))
-        # OpenBLAS reads its thread count once at import, before the runner limits threads:
-        # limit it here, as oversubscribed BLAS threads make the eigensolver 20x slower.
+        min_windows = max(1, int(np.ceil(self.s.min_speaker / self.s.hop)))
+        # OpenBLAS reads its thread count once at import, before the runner limits threads.
         with threadpool_limits(self.num_threads):
-            if len(x) >= MIN_SPECTRAL:
-                labels = spectral_clusters(x, lo, hi)
-            else:  # too few windows for a graph: every window starts as its own speaker
-                labels = np.arange(len(x))
-            return merge_close(x, labels, self.s.threshold, lo)
+            labels = ahc_speakers(x, lo, hi, self.s.threshold, min_windows)
+        return _centroids(x, labels)
 
     # ------------------------------------------------------------------ turns
     def diarize(self, audio_path: str, speech: list[tuple[float, float]], duration: float,
@@ -184,93 +185,94 @@ class EmbeddedDiarizer:
         size = round(self.s.window / FRAME)
         weights = np.array([(f1 - f0) / size for _, f0, f1 in index])
         centroids = self.cluster(emb, weights, min_speakers, max_speakers)
-        sim = emb @ centroids.T  # (windows, speakers)
+        return Diarization(merge_turns(self.resegment(emb @ centroids.T, index, spans), self.s.merge_gap))
+
+    def resegment(self, sim: np.ndarray, index: list[tuple[int, int, int]],
+                  spans: list[tuple[float, float]]) -> list[Turn]:
+        """Turns from window-to-speaker similarities (windows, speakers), span by span.
+
+        A frame's score for a speaker is the mean similarity of the windows covering it. The
+        speaker sequence inside a speech span maximises the summed score (similarity x seconds)
+        minus ``change_penalty`` per speaker change (Viterbi): a short change survives only when
+        its evidence is strong, a long one whenever it is consistent. The scores are constant
+        between window edges, so the search runs on those pieces and is exact."""
         turns: list[Turn] = []
         by_span: dict[int, list[int]] = {}
         for w, (si, _, _) in enumerate(index):
             by_span.setdefault(si, []).append(w)
+        k = sim.shape[1]
         for si, ws in by_span.items():
             a, b = spans[si]
-            n = max(f1 for _, _, f1 in (index[w] for w in ws))
-            score = np.zeros((n, len(centroids)))
-            count = np.zeros(n)
+            edges = sorted({f for w in ws for f in index[w][1:]})
+            n = edges[-1]
+            total = np.zeros((len(edges) - 1, k))
+            count = np.zeros(len(edges) - 1)
+            pos = {f: i for i, f in enumerate(edges)}
             for w in ws:
                 _, f0, f1 = index[w]
-                score[f0:f1] += sim[w]
-                count[f0:f1] += 1
-            label = np.argmax(score / np.maximum(count, 1)[:, None], axis=1)
-            runs = _smooth(_runs(label), round(self.s.min_turn / FRAME))
-            for f0, f1, spk in runs:
-                t0 = a + f0 * FRAME
-                t1 = b if f1 >= n else min(b, a + f1 * FRAME)
+                total[pos[f0]:pos[f1]] += sim[w]
+                count[pos[f0]:pos[f1]] += 1
+            seconds = np.diff(edges) * FRAME
+            gain = total / np.maximum(count, 1)[:, None] * seconds[:, None]
+            path = viterbi(gain, self.s.change_penalty)
+            for (f0, f1, spk) in _runs(path):
+                t0 = a + edges[f0] * FRAME
+                t1 = b if edges[f1] >= n else min(b, a + edges[f1] * FRAME)
                 if t1 > t0:
                     turns.append((t0, t1, f"spk{spk}"))
-        return Diarization(merge_turns(turns, self.s.merge_gap))
+        return turns
 
 
-def spectral_clusters(x: np.ndarray, min_k: int, max_k: int) -> np.ndarray:
-    """Cluster label per row of ``x`` (unit vectors) by spectral clustering whose number of
-    clusters is the largest eigengap of the graph Laplacian, with the graph pruned to each
-    window's p nearest neighbours and p chosen by the normalised maximum eigengap (NME-SC,
-    Park et al. 2019): no distance threshold to tune, and K = 1 is one of the answers."""
-    from scipy.linalg import eigh
-    from sklearn.cluster import KMeans
+def viterbi(gain: np.ndarray, penalty: float) -> np.ndarray:
+    """Label per row maximising the summed ``gain`` (pieces, labels) minus ``penalty`` per change."""
+    n, k = gain.shape
+    score = gain[0].copy()
+    back = np.zeros((n, k), int)
+    for t in range(1, n):
+        stay = score
+        best = int(np.argmax(score))
+        switch = score[best] - penalty
+        back[t] = np.where(stay >= switch, np.arange(k), best)
+        score = np.maximum(stay, switch) + gain[t]
+    path = np.zeros(n, int)
+    path[-1] = int(np.argmax(score))
+    for t in range(n - 1, 0, -1):
+        path[t - 1] = back[t, path[t]]
+    return path
+
+
+def ahc_speakers(x: np.ndarray, min_k: int, max_k: int, threshold: float, min_windows: int) -> np.ndarray:
+    """Speaker label per row of ``x`` (unit vectors) by average-linkage agglomerative clustering:
+    groups of windows whose mean pairwise cosine similarity is at least ``threshold`` are one
+    speaker (the count is where merging stops, K = 1 included), within [min_k, max_k]. A group
+    of fewer than ``min_windows`` windows is not a speaker of its own (overlapped speech,
+    laughter, a noise burst): its windows go to the most similar remaining group."""
+    from scipy.cluster.hierarchy import fcluster, linkage
 
     n = len(x)
-    sim = np.clip(x @ x.T, 0.0, 1.0)
-    order = np.argsort(-sim, axis=1)
-    top_k = min(max_k, n - 1)
-
-    def laplacian(p: int) -> np.ndarray:
-        keep = np.zeros_like(sim)
-        np.put_along_axis(keep, order[:, :p], 1.0, axis=1)
-        a = sim * keep
-        a = (a + a.T) / 2
-        np.fill_diagonal(a, 0.0)
-        return np.diag(a.sum(1)) - a
-
-    best = None
-    for p in np.unique(np.linspace(2, max(2, n // 2), min(P_CANDIDATES, max(1, n // 2 - 1))).astype(int)):
-        lap = laplacian(p)
-        ev = eigh(lap, eigvals_only=True, subset_by_index=[0, top_k])
-        gaps = np.diff(ev)[min_k - 1:]
-        if len(gaps) == 0:  # max_k == n: nothing to choose
-            k, ratio = min_k, 0.0
-        else:
-            top = eigh(lap, eigvals_only=True, subset_by_index=[n - 1, n - 1])[0]
-            k = min_k + int(np.argmax(gaps))
-            ratio = p / max(gaps.max() / max(top, 1e-10), 1e-10)
-        if best is None or ratio < best[0]:
-            best = (ratio, k, p)
-    _, k, p = best
-    if k == 1:
+    if n < 2:
         return np.zeros(n, int)
-    vec = eigh(laplacian(p), subset_by_index=[0, k - 1])[1]
-    vec = vec / np.maximum(np.linalg.norm(vec, axis=1, keepdims=True), 1e-10)
-    return KMeans(n_clusters=k, n_init=10, random_state=0).fit_predict(vec)
+    tree = linkage(x, "average", metric="cosine")
+    labels = fcluster(tree, 1.0 - threshold, "distance")
+    k = len(np.unique(labels))
+    if not min_k <= k <= max_k:
+        labels = fcluster(tree, min(max(k, min_k), max_k), "maxclust")
+    labels = np.unique(labels, return_inverse=True)[1]
+    while True:
+        sizes = np.bincount(labels)
+        small = int(np.argmin(sizes))
+        if len(sizes) <= min_k or sizes[small] >= min_windows:
+            return labels
+        c = _centroids(x, labels)
+        sim = c @ c[small]
+        sim[small] = -np.inf
+        labels[labels == small] = int(np.argmax(sim))
+        labels = np.unique(labels, return_inverse=True)[1]
 
 
 def _centroids(x: np.ndarray, labels: np.ndarray) -> np.ndarray:
     c = np.stack([x[labels == k].mean(0) for k in np.unique(labels)])
     return c / np.linalg.norm(c, axis=1, keepdims=True)
-
-
-def merge_close(x: np.ndarray, labels: np.ndarray, threshold: float, min_k: int) -> np.ndarray:
-    """Merge the two most similar speakers while their centroids' cosine similarity exceeds
-    ``threshold`` (and more than ``min_k`` remain): the check that keeps one voice split in
-    two (a monologue, a speaker whose tone changes) one speaker. Returns the centroids."""
-    labels = np.unique(labels, return_inverse=True)[1]
-    centroids = _centroids(x, labels)
-    while len(centroids) > min_k:
-        s = centroids @ centroids.T
-        np.fill_diagonal(s, -1.0)
-        i, j = np.unravel_index(np.argmax(s), s.shape)
-        if s[i, j] <= threshold:
-            break
-        labels[labels == j] = i
-        labels = np.unique(labels, return_inverse=True)[1]
-        centroids = _centroids(x, labels)
-    return centroids
 
 
 def _runs(label: np.ndarray) -> list[list[int]]:
@@ -279,24 +281,3 @@ def _runs(label: np.ndarray) -> list[list[int]]:
     starts = np.concatenate([[0], cuts])
     ends = np.concatenate([cuts, [len(label)]])
     return [[int(s), int(e), int(label[s])] for s, e in zip(starts, ends)]
-
-
-def _smooth(runs: list[list[int]], min_frames: int) -> list[list[int]]:
-    """Give runs shorter than ``min_frames`` to their longer neighbour, shortest first."""
-    runs = [list(r) for r in runs]
-    while len(runs) > 1:
-        i = min(range(len(runs)), key=lambda j: runs[j][1] - runs[j][0])
-        if runs[i][1] - runs[i][0] >= min_frames:
-            break
-        left = runs[i - 1] if i > 0 else None
-        right = runs[i + 1] if i + 1 < len(runs) else None
-        nb = max((r for r in (left, right) if r is not None), key=lambda r: r[1] - r[0])
-        runs[i][2] = nb[2]
-        merged: list[list[int]] = []
-        for r in runs:
-            if merged and merged[-1][2] == r[2]:
-                merged[-1][1] = r[1]
-            else:
-                merged.append(r)
-        runs = merged
-    return runs
