@@ -4,10 +4,12 @@ Two ways to attribute words to speakers (``attribution``):
 
 * ``words`` (default): the model transcribes **speech regions** — the union of the VAD spans and
   the diarization turns, silences longer than ``region_gap`` left out — in pieces of at most
-  ``max_chunk_seconds``, with word timestamps. Every word gets the diarization speaker it overlaps
-  most: exclusive turns (overlaps removed) first; a word inside an overlap goes to the speaker of
-  the shorter turn covering it (a back-channel inside the other speaker's turn); a word outside
-  every turn to the nearest turn. Utterances are runs of words of one speaker inside one VAD
+  ``max_chunk_seconds``, with word timestamps. Every word gets the diarization speaker whose turns
+  overlap it most; a word inside overlapped speech (two speakers' turns cover it alike) goes to
+  the turn that began last: a back-channel inside the other speaker's turn, or the next speaker
+  starting early. (The diarization's ``exclusive_turns`` give overlapped stretches to the floor
+  holder, so they would erase exactly those back-channels: they are not used here.) A word
+  outside every turn goes to the nearest turn. Utterances are runs of words of one speaker inside one VAD
   span, so a back-channel that the diarization found is its own utterance, and the segments
   stage, which cuts at VAD silences, never splits an utterance. Why the default: the model sees
   whole sentences with their context instead of diarization-cut fragments (a turn boundary that
@@ -28,14 +30,16 @@ short-time energy of that stretch of audio. The window is 29 s by default, not W
 Whisper hallucinates tails on items that fill its window exactly. The pieces of all recordings
 of a batch are transcribed together, several per model call, grouped by backend and language.
 
-Language (``language_id``), decided per unit (region or turn):
+Language (``language_id``), decided per unit (a region's piece, or a turn):
 * ``fixed``: every unit is ``language``; ``language_probability`` is null (nothing was measured).
 * ``whisper`` / ``hf-whisper`` / ``faster-whisper``: that backend's (multilingual) model scores
   its language tokens on the first window of each unit. The recording's distribution is the
   duration-weighted mean over its units: its argmax is ``language``, its value
   ``language_probability``. A unit keeps its own language when it is at least 1 s long and its
   probability reaches ``turn_language_threshold``; otherwise it takes the recording's (one-word
-  back-channels are unreliable evidence). This costs one encoder pass per unit.
+  back-channels are unreliable evidence). This costs one encoder pass per unit. A recording
+  transcribed per turn after all (see above) gives each turn the language of the piece it
+  overlaps most.
 Turns are transcribed by ``backends[language]``, else ``backends.default`` (the paper: English to
 Whisper, Chinese to Paraformer); in words mode every region of a recording goes to the backend of
 the recording's language, told the region's own language. Recordings whose language is not in
@@ -107,7 +111,8 @@ class AsrConfig(StageConfig):
 
 @dataclass
 class _Turn:
-    """A unit of transcription: a diarization turn, or (words mode, speaker None) a speech region."""
+    """A unit of transcription: a diarization turn, or (words mode, speaker None) one piece of a
+    speech region."""
     row: int
     path: str
     start: float
@@ -178,7 +183,7 @@ class AsrStage(Stage):
             if row["status"] == "rejected":
                 continue
             if units[0].speaker is None:
-                utts = attribute_words(units, row.get("turns"), row.get("exclusive_turns"), row.get("speech"))
+                utts = attribute_words(units, row.get("turns"), row.get("speech"))
             else:
                 utts = [u for u in map(_utterance, units) if u is not None]
             row["utterances"] = utts
@@ -261,8 +266,9 @@ class AsrStage(Stage):
         if regions:
             clipped = [(max(0.0, a), min(duration, b)) for a, b in
                        spans + [(float(t["start"]), float(t["end"])) for t in raw_turns or []]]
+            # Each piece of a region is its own unit: its language is identified on all of it.
             for a, b in speech_regions([(a, b) for a, b in clipped if b - a >= MIN_TURN], self.config.region_gap):
-                units.append(_Turn(index, path, a, b, None, split_turn(a, b, self.window, gaps, quiet)))
+                units += [_Turn(index, path, p, q, None, [(p, q)]) for p, q in split_turn(a, b, self.window, gaps, quiet)]
             return units
         if raw_turns is None:
             raw_turns = [{"start": a, "end": b, "speaker": NO_DIARIZATION_SPEAKER} for a, b in spans]
@@ -303,46 +309,35 @@ def speech_regions(spans: list[tuple[float, float]], max_gap: float) -> list[tup
     return [(a, b) for a, b in out]
 
 
-def word_speakers(words: list[tuple[float, float]], turns: list[dict], exclusive: list[dict] | None) -> list[str]:
+def word_speakers(words: list[tuple[float, float]], turns: list[dict]) -> list[str]:
     """The diarization speaker of each (start, end) word: see the module docstring."""
     full = [(float(t["start"]), float(t["end"]), str(t["speaker"])) for t in turns]
-    excl = [(float(t["start"]), float(t["end"]), str(t["speaker"])) for t in exclusive or []]
     out = []
     for a, b in words:
         if b - a < 0.02:  # DTW gives some words no width: look around their centre
             a, b = (a + b) / 2 - 0.01, (a + b) / 2 + 0.01
-        best = _most_overlap(a, b, excl)
-        if best is None:
-            best = _most_overlap(a, b, full, prefer_short=True)
-        if best is None:
+        score: dict[str, tuple[float, float]] = {}  # speaker -> (overlap, latest start of a covering turn)
+        for s, e, spk in full:
+            ov = min(b, e) - max(a, s)
+            if ov > 0:
+                old = score.get(spk, (0.0, -np.inf))
+                score[spk] = (old[0] + ov, max(old[1], s))
+        if score:
+            # Overlaps within 20 ms tie: the word lies in overlapped speech, and is the newcomer's.
+            out.append(max(score, key=lambda k: (round(score[k][0] / 0.02), score[k][1])))
+        else:
             mid = (a + b) / 2
-            best = min(full, key=lambda t: max(t[0] - mid, mid - t[1]))[2]
-        out.append(best)
+            out.append(min(full, key=lambda t: max(t[0] - mid, mid - t[1]))[2])
     return out
 
 
-def _most_overlap(a: float, b: float, turns: list[tuple[float, float, str]], prefer_short: bool = False) -> str | None:
-    score: dict[str, tuple[float, float]] = {}
-    for s, e, spk in turns:
-        ov = min(b, e) - max(a, s)
-        if ov > 0:
-            old = score.get(spk, (0.0, -np.inf))
-            score[spk] = (old[0] + ov, max(old[1], -(e - s) if prefer_short else 0.0))
-    if not score:
-        return None
-    if prefer_short:  # inside an overlap the words are the shorter turn's (a back-channel)
-        return max(score, key=lambda k: (round(score[k][0], 2), score[k][1]))
-    return max(score, key=lambda k: score[k])
-
-
-def attribute_words(regions: list[_Turn], turns: list[dict] | None, exclusive: list[dict] | None,
-                    speech: list[dict] | None) -> list[dict]:
+def attribute_words(regions: list[_Turn], turns: list[dict] | None, speech: list[dict] | None) -> list[dict]:
     """Utterances from the regions' words: runs of one speaker inside one VAD span."""
     words = [(w, r.language) for r in regions for ws in r.words for w in ws]
     if not words:
         return []
     if turns:
-        speakers = word_speakers([(w.start, w.end) for w, _ in words], turns, exclusive)
+        speakers = word_speakers([(w.start, w.end) for w, _ in words], turns)
     else:
         speakers = [NO_DIARIZATION_SPEAKER] * len(words)
     spans = sorted((float(s["start"]), float(s["end"])) for s in speech or [])

@@ -30,7 +30,7 @@ from typing import Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from pipeline.backends.asr import SAMPLE_RATE, Transcript, Word, as_float32, batches
+from pipeline.backends.asr import SAMPLE_RATE, Transcript, Word, as_float32, batches, looks_like_path
 from pipeline.backends.hub import is_local, local_path, model_not_found
 
 # name -> (pip package providing it, SHA-256 of its model.bin). Pinned with the package version
@@ -153,6 +153,8 @@ def resolve_model(ref: str) -> str:
         if not os.path.isdir(path) or not os.path.isfile(os.path.join(path, "model.bin")):
             raise ValueError(f"faster-whisper: {path} is not a CTranslate2 Whisper directory (no model.bin)")
         return path
+    if looks_like_path(ref):
+        raise model_not_found(ref, "faster-whisper", HOW)
     from faster_whisper.utils import available_models, download_model
 
     if "/" not in ref and ref not in available_models():
