@@ -13,7 +13,7 @@ Inputs: every clip of ``../shared/realspeech/`` (see its README) and pyannote.au
 * WER (en) or CER (zh) of the ASR stage's transcript, speaker-agnostic: every utterance in time
   order against the reference, both normalised like the trainer's evaluation
   (``model.eval.metrics``: tags and punctuation removed, lowercase, Chinese split into characters);
-* cpWER (meeteval: concatenated minimum-permutation WER over speaker streams) where the reference
+* cpWER (concatenated minimum-permutation WER: speaker streams paired in the best order) where the reference
   attributes speakers (``[S1]``/``[S2]`` text or an STM): of the ASR stage's speaker-attributed
   utterances, and of the exported ``[S1]``/``[S2]`` segment texts (each segment's tags mapped
   back to the diarization speakers it records, so that streams are consistent across segments);
@@ -26,6 +26,7 @@ Speed figures depend on what else runs on the machine: the script prints the loa
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import re
 import sys
@@ -36,7 +37,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from model.eval.metrics import normalize_text, wer_counts  # noqa: E402
+from model.eval.metrics import normalize_text, wer_counts, word_errors  # noqa: E402
 from pipeline import manifests, report  # noqa: E402
 from pipeline.backends.diarization import diarization_error  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
@@ -98,11 +99,15 @@ def read_rttm(path: Path) -> list[tuple[float, float, str]]:
 
 
 def cpwer(ref: dict[str, str], hyp: dict[str, str], lang: str) -> float:
-    """meeteval's cpWER over normalised speaker streams (zh: characters)."""
-    from meeteval.wer import cp_word_error_rate
-
-    norm = lambda d: {k: normalize_text(v, lang) for k, v in d.items()}  # noqa: E731
-    return float(cp_word_error_rate(norm(ref), norm(hyp)).error_rate)
+    """cpWER: the speaker streams of reference and hypothesis paired one to one (missing streams
+    empty) in the order that gives the fewest word errors, errors summed over the pairs, divided
+    by the reference words. Texts normalised like ``wer_counts`` (zh: characters)."""
+    r = [normalize_text(v, lang) for v in ref.values()]
+    h = [normalize_text(v, lang) for v in hyp.values()]
+    n = max(len(r), len(h))
+    r, h = r + [""] * (n - len(r)), h + [""] * (n - len(h))
+    best = min(sum(word_errors(a, b).errors for a, b in zip(r, perm)) for perm in itertools.permutations(h))
+    return best / max(1, sum(len(a.split()) for a in r))
 
 
 def export_streams(rows: list[dict], speakers_of: dict[str, list[str]]) -> dict[str, str]:

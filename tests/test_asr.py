@@ -403,6 +403,12 @@ def test_stage_routes_languages_splits_long_turns_and_flags_bad_rows(tmp_path):
     assert rej["status"] == "rejected" and "language en" in rej["reason"] and rej["utterances"] == []
     assert len(en.calls) == calls
 
+    # A recording whose words the model is unsure of (the doubles say 0.5) is rejected when asked.
+    stage.config = cfg.model_copy(update={"min_confidence": 0.6})
+    low = stage.process([row_a])[0]
+    assert low["status"] == "rejected" and low["reason"].startswith("low_asr_confidence: mean word confidence 0.50")
+    assert low["utterances"]  # kept in the manifest: the reason can be checked
+
     # Words mode with a backend that has no word times: the region's pieces are identified (the
     # last one, 55-71.6 s, is mostly the 440 Hz tone: en), then each turn is transcribed on its own
     # in the language of the piece it overlaps most.

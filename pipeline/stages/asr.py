@@ -48,7 +48,9 @@ the recording's language, told the region's own language. Recordings whose langu
 Output: ``utterances`` [{start, end, speaker, text, language, confidence}] sorted by start;
 ``confidence`` is the backend's 0..1 score (see its module): in words mode the mean probability
 of the utterance's words, in turns mode the turn's pieces' scores averaged by duration. A
-recording with no words at all is rejected.
+recording with no words at all is rejected, and so is one whose mean word confidence is under
+``min_confidence`` when that is set: an English-only model such as tiny.en turns speech in other
+languages into fluent English with low word probabilities instead of failing.
 """
 
 from __future__ import annotations
@@ -94,6 +96,8 @@ class AsrConfig(StageConfig):
                              "turns: transcribe each diarization turn on its own")
     region_gap: float = Field(
         2.0, ge=0, description="words mode: silences at least this long (s) split regions and are not transcribed")
+    min_confidence: float | None = Field(
+        None, ge=0, le=1, description="recordings whose mean word confidence is lower are rejected (null: keep all)")
     max_chunk_seconds: float = Field(
         29.0, ge=2, description="longest piece per model item (also capped by each backend's window)")
     faster_whisper: FasterWhisperOptions = FasterWhisperOptions()
@@ -187,7 +191,12 @@ class AsrStage(Stage):
             else:
                 utts = [u for u in map(_utterance, units) if u is not None]
             row["utterances"] = utts
-            if utts:
+            conf = mean_confidence(utts)
+            floor = self.config.min_confidence
+            if utts and floor is not None and conf is not None and conf < floor:
+                row.update(status="rejected", reason=f"low_asr_confidence: mean word confidence {conf:.2f} < {floor} "
+                                                     "(speech in another language, or no speech)")
+            elif utts:
                 row.update(status="ok", reason=None)
             else:
                 total = sum(t.end - t.start for t in units)
@@ -296,6 +305,13 @@ class AsrStage(Stage):
         if len(results) != len(spans):
             raise RuntimeError(f"ASR backend returned {len(results)} results for {len(spans)} inputs")
         return results
+
+
+def mean_confidence(utts: list[dict]) -> float | None:
+    """Mean confidence over the words of a recording (utterances weighted by their word count)."""
+    scored = [(len(u["text"].split()), u["confidence"]) for u in utts if u.get("confidence") is not None]
+    n = sum(k for k, _ in scored)
+    return sum(k * c for k, c in scored) / n if n else None
 
 
 def speech_regions(spans: list[tuple[float, float]], max_gap: float) -> list[tuple[float, float]]:
