@@ -209,6 +209,22 @@ def main(argv: list[str] | None = None) -> None:
     if dialogue_wers:
         print(f"mean WER of the English two-speaker dialogues: {sum(dialogue_wers) / len(dialogue_wers):.3f} "
               f"({len(dialogue_wers)} files)")
+    # What the rule and DNSMOS thresholds see on real speech (every segment that reached them).
+    import json
+
+    lang_of = {(ingest.get(n) or {}).get("recording_id"): r["lang"] for n, r in refs.items()}
+    rates = [json.loads(r["metrics"] or "{}").get("words_per_second") for r in
+             (manifests.read_manifest(output, "rules").to_pylist() if (output / "manifests" / "rules").exists() else [])
+             if lang_of.get(r["recording_id"]) == "en"]
+    rates = sorted(x for x in rates if x is not None)
+    if rates:
+        print(f"English segments at the rules: {len(rates)}, words per second {rates[0]:.2f}-{rates[-1]:.2f} "
+              f"(median {rates[len(rates) // 2]:.2f})")
+    ovrl = sorted(r["dnsmos_ovrl"] for r in (manifests.read_manifest(output, "quality").to_pylist()
+                                              if (output / "manifests" / "quality").exists() else [])
+                  if r["dnsmos_ovrl"] is not None)
+    if ovrl:
+        print(f"segments scored by DNSMOS: {len(ovrl)}, OVRL {ovrl[0]:.2f}-{ovrl[-1]:.2f} (median {ovrl[len(ovrl) // 2]:.2f})")
     print("\nworker seconds per audio second (RTF) per stage:")
     for c in report.stage_costs(output):
         print(f"  {c['stage']:<15} {c['rtf']:.4f}  ({c['worker_seconds']:.1f} s for {c['audio_hours'] * 3600:.0f} s of audio)")

@@ -68,7 +68,7 @@ def test_utterances_are_runs_of_one_speaker_inside_one_vad_span():
     w = lambda a, b, t, p=0.9: Word(a, b, t, p)  # noqa: E731
     region.words = [[w(0.2, 0.5, "so"), w(0.5, 0.9, "we"), w(1.0, 1.4, "went", 0.5),
                      w(1.5, 1.8, "yeah"),                        # B's back-channel
-                     w(2.0, 2.4, "to"), w(2.4, 2.9, "town"),
+                     w(2.0, 2.4, "to"), w(2.4, 3.7, "town"),     # its end stretched into the pause
                      w(4.2, 4.6, "then"), w(4.6, 5.0, "home"),   # A again, after a VAD pause
                      w(6.0, 6.5, "right")]]                      # B
     turns = [{"start": 0.0, "end": 5.2, "speaker": "A"}, {"start": 1.45, "end": 1.85, "speaker": "B"},
@@ -76,7 +76,7 @@ def test_utterances_are_runs_of_one_speaker_inside_one_vad_span():
     speech = [{"start": 0.1, "end": 3.0}, {"start": 4.1, "end": 5.1}, {"start": 5.9, "end": 6.6}]
     utts = attribute_words([region], turns, speech)
     assert [(u["speaker"], u["text"], u["start"], u["end"]) for u in utts] == [
-        ("A", "so we went", 0.2, 1.4), ("B", "yeah", 1.5, 1.8), ("A", "to town", 2.0, 2.9),
+        ("A", "so we went", 0.2, 1.4), ("B", "yeah", 1.5, 1.8), ("A", "to town", 2.0, 3.7),
         ("A", "then home", 4.2, 5.0), ("B", "right", 6.0, 6.5)]
     assert utts[0]["confidence"] == pytest.approx((0.9 + 0.9 + 0.5) / 3, abs=1e-4)
     assert all(u["language"] == "en" for u in utts)

@@ -359,8 +359,19 @@ def attribute_words(regions: list[_Turn], turns: list[dict] | None, speech: list
     spans = sorted((float(s["start"]), float(s["end"])) for s in speech or [])
     ends = np.array([b for _, b in spans])
 
-    def span_of(w: Word) -> int:  # VAD span holding the word's centre (the next one in a gap)
-        return int(np.searchsorted(ends, (w.start + w.end) / 2)) if len(ends) else 0
+    def span_of(w: Word) -> int:
+        """The VAD span the word overlaps most (DTW often stretches a word's end into the pause
+        after it), else, in a pause, the nearer one."""
+        i = int(np.searchsorted(ends, w.start))
+        best, most = min(i, len(spans) - 1), 0.0
+        while i < len(spans) and spans[i][0] < w.end:
+            ov = min(w.end, spans[i][1]) - max(w.start, spans[i][0])
+            if ov > most:
+                best, most = i, ov
+            i += 1
+        if most == 0.0 and 0 < best < len(spans) and w.start - spans[best - 1][1] < spans[best][0] - w.end:
+            best -= 1
+        return best if spans else 0
 
     utts: list[dict] = []
     cur: list[tuple[Word, str]] = []
