@@ -177,6 +177,9 @@ class AsrStage(Stage):
                 continue
             if units[0].speaker is None and not self.has_word_times(out[i]["language"]):
                 by_row[i] = self._turns_instead(out[i], i, units)
+                if not by_row[i]:
+                    out[i].update(status="rejected", utterances=[],
+                                  reason="no turns to transcribe (no diarization turns of at least 0.1 s)")
             else:
                 fixed = self.backend_for(out[i]["language"]) if units[0].speaker is None else None
                 for t in units:
@@ -186,7 +189,7 @@ class AsrStage(Stage):
             row = out[i]
             if row["status"] == "rejected":
                 continue
-            if units[0].speaker is None:
+            if units[0].speaker is None:  # words mode
                 utts = attribute_words(units, row.get("turns"), row.get("speech"))
             else:
                 utts = [u for u in map(_utterance, units) if u is not None]
