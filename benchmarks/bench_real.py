@@ -150,8 +150,11 @@ def main(argv: list[str] | None = None) -> None:
         except Exception:  # noqa: BLE001 - the profile may not have this stage
             return {}
 
-    ingest = {Path(r["source_path"]).stem: r for r in table("ingest", "recordings").values()}
-    ledger = {Path(r["source_path"]).stem: r for r in manifests.read_manifest(output, "ledger").to_pylist()}
+    # The inputs are links: the runner records the files they point to.
+    name_of = {str(Path(r["wav"]).resolve()): n for n, r in refs.items()}
+    key = lambda r: name_of.get(str(Path(r["source_path"]).resolve()), Path(r["source_path"]).stem)  # noqa: E731
+    ingest = {key(r): r for r in table("ingest", "recordings").values()}
+    ledger = {key(r): r for r in manifests.read_manifest(output, "ledger").to_pylist()}
     diar, asr = table("diarization"), table("asr")
     segments = manifests.read_manifest(output, "segments").to_pylist() if (output / "manifests" / "segments").exists() else []
     speakers_of = {s["segment_id"]: s["speakers"] for s in segments}

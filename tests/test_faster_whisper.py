@@ -26,7 +26,8 @@ from pipeline.backends.hub import ModelNotFound
 from pipeline.config import parse_config
 from pipeline.runner import run_pipeline
 from pipeline.stage import StageContext
-from pipeline.stages.asr import AsrConfig, AsrStage, _Turn, attribute_words, word_speakers
+from pipeline.stages.asr import (AsrConfig, AsrStage, _Turn, attribute_words, pad_regions, speech_regions,
+                                 word_speakers)
 
 ROOT = Path(__file__).resolve().parent.parent
 REAL = ROOT.parent / "shared" / "realspeech"
@@ -83,6 +84,15 @@ def test_utterances_are_runs_of_one_speaker_inside_one_vad_span():
     # No diarization: every word is SPEAKER_00's, still one utterance per VAD span.
     assert [u["text"] for u in attribute_words([region], None, speech)] == [
         "so we went yeah to town", "then home", "right"]
+
+
+def test_regions_join_short_silences_and_get_context_around_them():
+    spans = [(1.0, 2.0), (1.5, 3.0), (3.5, 5.0), (8.0, 9.0)]
+    regions = speech_regions(spans, max_gap=2.0)
+    assert regions == [(1.0, 5.0), (8.0, 9.0)]
+    # Padding stays inside the audio and never crosses the middle of the gap to a neighbour.
+    assert pad_regions(regions, 0.4, 9.2) == [(0.6, 5.4), (7.6, 9.2)]
+    assert pad_regions([(1.0, 3.0), (3.5, 5.0)], 0.4, 9.0) == [(0.6, 3.25), (3.25, 5.4)]
 
 
 # ------------------------------------------------------------------ loading

@@ -3,8 +3,8 @@
 Two ways to attribute words to speakers (``attribution``):
 
 * ``words`` (default): the model transcribes **speech regions** — the union of the VAD spans and
-  the diarization turns, silences longer than ``region_gap`` left out — in pieces of at most
-  ``max_chunk_seconds``, with word timestamps. Every word gets the diarization speaker whose turns
+  the diarization turns, silences longer than ``region_gap`` left out, ``region_pad`` of context
+  added on both sides — in pieces of at most ``max_chunk_seconds``, with word timestamps. Every word gets the diarization speaker whose turns
   overlap it most; a word inside overlapped speech (two speakers' turns cover it alike) goes to
   the turn that began last: a back-channel inside the other speaker's turn, or the next speaker
   starting early. (The diarization's ``exclusive_turns`` give overlapped stretches to the floor
@@ -98,6 +98,9 @@ class AsrConfig(StageConfig):
         2.0, ge=0, description="words mode: silences at least this long (s) split regions and are not transcribed")
     min_confidence: float | None = Field(
         None, ge=0, le=1, description="recordings whose mean word confidence is lower are rejected (null: keep all)")
+    region_pad: float = Field(
+        0.4, ge=0, description="words mode: seconds of audio added around each region (faster-whisper's own "
+                               "VAD pads 0.4 s: Whisper expects some silence around speech)")
     max_chunk_seconds: float = Field(
         29.0, ge=2, description="longest piece per model item (also capped by each backend's window)")
     faster_whisper: FasterWhisperOptions = FasterWhisperOptions()
@@ -279,7 +282,8 @@ class AsrStage(Stage):
             clipped = [(max(0.0, a), min(duration, b)) for a, b in
                        spans + [(float(t["start"]), float(t["end"])) for t in raw_turns or []]]
             # Each piece of a region is its own unit: its language is identified on all of it.
-            for a, b in speech_regions([(a, b) for a, b in clipped if b - a >= MIN_TURN], self.config.region_gap):
+            regions = speech_regions([(a, b) for a, b in clipped if b - a >= MIN_TURN], self.config.region_gap)
+            for a, b in pad_regions(regions, self.config.region_pad, duration):
                 units += [_Turn(index, path, p, q, None, [(p, q)]) for p, q in split_turn(a, b, self.window, gaps, quiet)]
             return units
         if raw_turns is None:
@@ -315,6 +319,16 @@ def mean_confidence(utts: list[dict]) -> float | None:
     scored = [(len(u["text"].split()), u["confidence"]) for u in utts if u.get("confidence") is not None]
     n = sum(k for k, _ in scored)
     return sum(k * c for k, c in scored) / n if n else None
+
+
+def pad_regions(regions: list[tuple[float, float]], pad: float, duration: float) -> list[tuple[float, float]]:
+    """Regions widened by ``pad`` on both sides, inside the audio, never past a neighbour's middle."""
+    out = []
+    for k, (a, b) in enumerate(regions):
+        lo = (regions[k - 1][1] + a) / 2 if k else 0.0
+        hi = (b + regions[k + 1][0]) / 2 if k + 1 < len(regions) else duration
+        out.append((max(lo, a - pad), min(hi, b + pad)))
+    return out
 
 
 def speech_regions(spans: list[tuple[float, float]], max_gap: float) -> list[tuple[float, float]]:
