@@ -1,17 +1,20 @@
-"""ASR figures: pocketsphinx WER on generated dialogues, and real-time factors of every backend.
+"""ASR figures: WER on generated dialogues, and real-time factors of every backend.
 
     .venv/bin/python benchmarks/bench_asr.py                 # WER + CPU RTFs (+ GPU RTFs with CUDA)
     .venv/bin/python benchmarks/bench_asr.py --dialogues 5 --cpu-size small --skip-gpu
 
-* WER: the ASR stage (pocketsphinx, the embedded default) on generated English dialogues, given
-  the true turns (oracle diarization), against the generator's text; jiwer, lowercase, without
-  punctuation, pooled over all dialogues.
-* RTF = wall time / audio seconds, after one warm-up call. pocketsphinx is real. The hub-backed
-  backends run on RANDOM weights built here at a real model's dimensions (no hub is reachable):
-  speed only, and since random weights never stop on their own, decoding is capped at
-  ``--tokens-per-second`` x item length tokens (about English speech's token rate), which is what a
-  trained model emits on speech.
-* GPU (when CUDA is available): the Whisper backends at large-v3 dimensions, fp16, batched.
+* WER: the ASR stage on generated English dialogues, given the true turns (oracle diarization),
+  against the generator's text; jiwer, lowercase, without punctuation, pooled over all dialogues.
+  Two settings: the default (faster-whisper with the bundled real Whisper tiny.en weights, word
+  attribution) and pocketsphinx per turn. For the default also the share of recognised words that
+  got the right speaker. Real recorded speech: benchmarks/bench_real.py.
+* RTF = wall time / audio seconds, after one warm-up call. faster-whisper tiny.en and pocketsphinx
+  are real. The other hub-backed backends run on RANDOM weights built here at a real model's
+  dimensions (no hub is reachable): speed only, and since random weights never stop on their own,
+  decoding is capped at ``--tokens-per-second`` x item length tokens (about English speech's token
+  rate), which is what a trained model emits on speech.
+* GPU (when CUDA is available): faster-whisper tiny.en batched in float16, and the Whisper
+  backends at large-v3 dimensions, fp16, batched.
 """
 
 from __future__ import annotations
@@ -47,35 +50,46 @@ def norm(text: str) -> str:
     return " ".join(re.sub(r"[^a-z0-9' ]", " ", text.lower()).split())
 
 
-def wer_section(n: int, seed0: int, work: Path) -> None:
+def wer_section(n: int, seed0: int, work: Path, label: str, config: dict) -> None:
+    import difflib
+
     import jiwer
 
-    print(f"== pocketsphinx WER on {n} generated English dialogues (true turns, clean speech) ==")
-    stage = AsrStage(AsrConfig(), StageContext("asr", work))
+    print(f"== {label}: WER on {n} generated English dialogues (true turns, clean speech) ==")
+    stage = AsrStage(AsrConfig(**config), StageContext("asr", work, num_cpus=2))
     refs, hyps, audio_s, wall = [], [], 0.0, 0.0
-    print(f"{'dialogue':>8} {'voices':>20} {'seconds':>8} {'words':>6} {'WER':>6} {'RTF':>6}")
+    right = matched = 0
+    print(f"{'dialogue':>8} {'voices':>20} {'seconds':>8} {'words':>6} {'WER':>6} {'RTF':>6} {'speaker':>7}")
     for k in range(n):
-        clip = synth.synth_dialogue(seed0 + k, n_turns=8)
+        clip = synth.synth_dialogue(seed0 + k, n_turns=8, backchannel_prob=0.3)
         path = work / f"dlg{k}.wav"
         synth.write_clip(clip, path)
         tr = clip.truth
+        turns = sorted(tr.turns, key=lambda t: t.start)
         row = {"recording_id": f"dlg{k}", "audio_path": str(path), "duration": tr.duration, "status": "ok",
-               "speech": [{"start": t.start, "end": t.end} for t in tr.turns],
-               "turns": [{"start": t.start, "end": t.end, "speaker": t.speaker} for t in tr.turns]}
+               "speech": [{"start": t.start, "end": t.end} for t in turns],
+               "turns": [{"start": t.start, "end": t.end, "speaker": t.speaker} for t in turns]}
         t0 = time.perf_counter()
         out = stage.process([row])[0]
         dt = time.perf_counter() - t0
-        ref = norm(" ".join(t.text for t in tr.turns))
-        hyp = norm(" ".join(u["text"] for u in out["utterances"]))
+        ref_w = [(w, t.speaker) for t in turns for w in norm(t.text).split()]
+        hyp_w = [(w, u["speaker"]) for u in out["utterances"] for w in norm(u["text"]).split()]
+        sm = difflib.SequenceMatcher(a=[w for w, _ in ref_w], b=[w for w, _ in hyp_w], autojunk=False)
+        pairs = [(ref_w[i + j][1], hyp_w[h + j][1]) for i, h, m in sm.get_matching_blocks() for j in range(m)]
+        right += sum(a == b for a, b in pairs)
+        matched += len(pairs)
+        ref, hyp = " ".join(w for w, _ in ref_w), " ".join(w for w, _ in hyp_w)
         refs.append(ref)
         hyps.append(hyp)
         audio_s += tr.duration
         wall += dt
         voices = "/".join(v["voice"] for v in tr.speakers.values())
+        spk = sum(a == b for a, b in pairs) / max(1, len(pairs))
         print(f"{k:>8} {voices:>20} {tr.duration:8.1f} {len(ref.split()):6d} {jiwer.wer(ref, hyp):6.3f} "
-              f"{dt / tr.duration:6.2f}")
+              f"{dt / tr.duration:6.2f} {spk:7.3f}")
     print(f"pooled WER {jiwer.wer(refs, hyps):.3f} over {sum(len(r.split()) for r in refs)} words; "
-          f"RTF {wall / audio_s:.2f} ({audio_s:.0f} s of audio)")
+          f"RTF {wall / audio_s:.2f} ({audio_s:.0f} s of audio); right speaker for {right}/{matched} "
+          f"recognised words ({right / max(1, matched):.3f})")
     print(f"example  ref: {refs[0][:110]}\n         hyp: {hyps[0][:110]}\n")
 
 
@@ -119,14 +133,14 @@ def rtf(name: str, options: dict, items: list[np.ndarray], device: str, threads:
 
 def rtf_section(title: str, runs: list[tuple], items: list[np.ndarray], device: str, threads: int, work: Path) -> None:
     print(f"== {title} ==")
-    print(f"{'backend':<13} {'model':<34} {'weights':<8} {'items':>5} {'audio_s':>8} {'wall_s':>8} {'RTF':>7}")
+    print(f"{'backend':<14} {'model':<34} {'weights':<8} {'items':>5} {'audio_s':>8} {'wall_s':>8} {'RTF':>7}")
     for name, label, weights, options in runs:
         try:
             wall, audio = rtf(name, options(work) if callable(options) else options, items, device, threads)
-            print(f"{name:<13} {label:<34} {weights:<8} {len(items):5d} {audio:8.1f} {wall:8.2f} {wall / audio:7.3f}",
+            print(f"{name:<14} {label:<34} {weights:<8} {len(items):5d} {audio:8.1f} {wall:8.2f} {wall / audio:7.3f}",
                   flush=True)
         except Exception as e:  # noqa: BLE001 - one backend failing must not hide the others' figures
-            print(f"{name:<13} {label:<34} FAILED: {type(e).__name__}: {str(e)[:200]}", flush=True)
+            print(f"{name:<14} {label:<34} FAILED: {type(e).__name__}: {str(e)[:200]}", flush=True)
     print()
 
 
@@ -152,11 +166,15 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as d:
         work = Path(d)
         if not args.skip_wer:
-            wer_section(args.dialogues, args.seed, work)
+            wer_section(args.dialogues, args.seed, work, "faster-whisper tiny.en (bundled), word attribution", {})
+            wer_section(args.dialogues, args.seed, work, "pocketsphinx, per turn",
+                        {"backends": {"default": "pocketsphinx"}, "attribution": "turns"})
         if not args.skip_cpu:
             items = speech_items(args.cpu_items, item_s)
             size, psize = args.cpu_size, args.cpu_paraformer
             runs = [
+                ("faster-whisper", "tiny.en (bundled), int8", "real", {}),
+                ("faster-whisper", "tiny.en (bundled), int8, batch 4", "real", {"batch_size": 4}),
                 ("pocketsphinx", "en-us (ships in the package)", "real", {}),
                 ("whisper", f"{size} dims", "random",
                  lambda w: {"model": build("whisper", size, w), "batch_size": 4, "max_new_tokens": cap}),
@@ -174,6 +192,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             items = speech_items(args.gpu_items, item_s)
             runs = [
+                ("faster-whisper", "tiny.en (bundled), fp16, batch 16", "real", {"batch_size": 16}),
                 ("whisper", "large-v3 dims, fp16, batch 16", "random",
                  lambda w: {"model": build("whisper", "large-v3", w), "batch_size": 16, "max_new_tokens": cap}),
                 ("hf-whisper", "large-v3 dims, fp16, batch 16", "random",

@@ -11,6 +11,8 @@ then transcribes lists of 16 kHz mono float32 arrays, each at most ``max_seconds
     out[0].raw         # hf-whisper: the decoded sequence WITH special tokens, e.g.
                        # "<|startoftranscript|><|en|><|transcribe|><|notimestamps|> [S1] Hi. [S2] Hello.<|endoftext|>"
     out[0].confidence  # 0..1 or None (each backend documents its score)
+    out[0].words       # [Word(start, end, text, probability)] from backends whose
+                       # ``word_timestamps`` is True (faster-whisper), else None
     asr.detect_language([wave1])                    # [{"en": 0.97, "de": 0.01, ...}] (Whisper backends)
 
 The backend splits the list into model batches itself (its ``batch_size`` option); callers keep
@@ -35,7 +37,16 @@ BACKENDS = {
     "hf-whisper": "pipeline.backends.asr.hf_whisper:HfWhisperBackend",
     "funasr": "pipeline.backends.asr.funasr:FunAsrBackend",
     "pocketsphinx": "pipeline.backends.asr.pocketsphinx:PocketSphinxBackend",
+    "faster-whisper": "pipeline.backends.asr.faster_whisper:FasterWhisperBackend",
 }
+
+
+@dataclass
+class Word:
+    start: float  # seconds from the start of the item, non-decreasing along the item
+    end: float
+    text: str
+    probability: float  # 0..1
 
 
 @dataclass
@@ -43,6 +54,7 @@ class Transcript:
     text: str  # special tokens removed, stripped
     confidence: float | None  # 0..1; None when the backend has no score for this item
     raw: str = ""  # decoded sequence with special tokens (hf-whisper, whisper); else = text
+    words: list[Word] | None = None  # backends with word_timestamps = True; else None
 
 
 @runtime_checkable
@@ -50,6 +62,7 @@ class AsrBackend(Protocol):
     name: str
     max_seconds: float  # longest item transcribe() accepts
     can_identify_language: bool
+    word_timestamps: bool  # transcribe() fills Transcript.words
 
     def transcribe(self, audios: list[np.ndarray], language: str | None = None) -> list[Transcript]:
         """One Transcript per 16 kHz mono float32 array, in order."""

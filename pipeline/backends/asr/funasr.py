@@ -55,6 +55,7 @@ class FunAsrBackend:
     Options = FunAsrOptions
     max_seconds = 60.0  # Paraformer has no fixed window; this bounds attention memory
     can_identify_language = False
+    word_timestamps = False
 
     def __init__(self, options: FunAsrOptions, device: str = "cpu", num_threads: int = 1):
         self.options = options

@@ -35,6 +35,7 @@ class HfWhisperBackend:
     Options = HfWhisperOptions
     max_seconds = 30.0
     can_identify_language = True
+    word_timestamps = False
 
     def __init__(self, options: HfWhisperOptions, device: str = "cpu", num_threads: int = 1):
         import torch

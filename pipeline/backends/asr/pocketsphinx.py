@@ -32,6 +32,7 @@ class PocketSphinxBackend:
     Options = PocketSphinxOptions
     max_seconds = 60.0  # no model window; bounds the search per item
     can_identify_language = False
+    word_timestamps = False
 
     def __init__(self, options: PocketSphinxOptions, device: str = "cpu", num_threads: int = 1):
         from pocketsphinx import Decoder

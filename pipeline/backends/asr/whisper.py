@@ -34,6 +34,7 @@ class WhisperBackend:
     Options = WhisperOptions
     max_seconds = 30.0
     can_identify_language = True
+    word_timestamps = False
 
     def __init__(self, options: WhisperOptions, device: str = "cpu", num_threads: int = 1):
         from whisper.tokenizer import get_tokenizer
