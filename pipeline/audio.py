@@ -28,17 +28,20 @@ import soxr
 ANALYSIS_SR = 16000
 BLOCK_SECONDS = 20.0
 MIN_SAMPLE_RATE = 4000  # below this a "recording" is a broken or hostile header, not speech
-PROBE_TIMEOUT = 60.0
-# Containers whose "audio" is a list of other files or URLs.
+PROBE_TIMEOUT = 30.0
+DECODE_TIMEOUT_BASE = 120.0
+# Containers whose "audio" is a list of other files or URLs: ffmpeg would open those (a
+# self-referencing ffconcat file recurses without end), so they are refused before ffmpeg runs.
 PLAYLIST_FORMATS = {"concat", "hls", "applehttp", "dash", "image2", "ffmetadata", "tee", "sdp", "rtsp"}
+PLAYLIST_MAGIC = (b"ffconcat", b"#EXTM3U", b"#EXT-X-", b"<?xml", b"<MPD", b"v=0\r\n", b"v=0\n")
 
 
 def decode_timeout(duration: float | None) -> float:
     """Seconds a decoder may take for ``duration`` seconds of audio: ffmpeg decodes far faster
     than real time, so real time plus two minutes only ever stops a stuck or looping decoder."""
     if not duration or duration <= 0:
-        return 1800.0
-    return 120.0 + 1.0 * duration
+        return DECODE_TIMEOUT_BASE + 1800.0
+    return DECODE_TIMEOUT_BASE + 1.0 * duration
 
 
 class AudioError(ValueError):
@@ -73,7 +76,8 @@ def _ffprobe(path: Path) -> AudioInfo | None:
     ]
     try:
         # run() drains stdout and stderr together: a flood on either cannot block.
-        res = subprocess.run(cmd, capture_output=True, text=True, errors="replace", timeout=PROBE_TIMEOUT)
+        res = subprocess.run(cmd, capture_output=True, text=True, errors="replace", timeout=PROBE_TIMEOUT,
+                             stdin=subprocess.DEVNULL)
     except subprocess.TimeoutExpired:
         raise AudioError(path, "corrupt", f"ffprobe did not finish within {PROBE_TIMEOUT:.0f} s") from None
     if res.returncode != 0:
@@ -109,6 +113,10 @@ def probe(path: str | Path) -> AudioInfo:
         raise AudioError(path, "not_audio", "not a regular file")
     if path.stat().st_size == 0:
         raise AudioError(path, "empty", "file is empty (0 bytes)")
+    with open(path, "rb") as f:
+        head = f.read(64).lstrip()
+    if head.startswith(PLAYLIST_MAGIC):
+        raise AudioError(path, "unsupported", "a playlist or concat list (it names other files), not audio")
     try:
         i = sf.info(str(path))
         info = AudioInfo(i.format, i.subtype, int(i.samplerate), int(i.channels), int(i.frames),
@@ -170,7 +178,7 @@ class _Ffmpeg:
         cmd += ["pipe:1"]
         self.path, self.timeout = path, timeout
         self.stderr = tempfile.TemporaryFile()
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=self.stderr)
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=self.stderr)
         self.timed_out = False
         self.timer = threading.Timer(timeout, self._expire)
         self.timer.daemon = True

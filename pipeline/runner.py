@@ -22,6 +22,7 @@ stage X") while the rest of its batch goes on.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import errno
 import fcntl
@@ -32,6 +33,7 @@ import logging
 import os
 import shutil
 import time
+import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -476,13 +478,23 @@ def _build(rows: list[dict], cfg: PipelineConfig, output: Path, local: bool):
         if spec.cls.stateful:
             pool = ray.data.ActorPoolStrategy(size=conc) if isinstance(conc, int) else \
                 ray.data.ActorPoolStrategy(min_size=conc[0], max_size=conc[1])
-            ds = ds.map_batches(StageWorker, fn_constructor_kwargs={"w": w}, compute=pool,
-                                max_restarts=retries, max_task_retries=retries, **common)
+            with _retry_args_allowed():
+                ds = ds.map_batches(StageWorker, fn_constructor_kwargs={"w": w}, compute=pool,
+                                    max_restarts=retries, max_task_retries=retries, **common)
         else:
             size = conc if isinstance(conc, int) else conc[1]
-            ds = ds.map_batches(_run_task, fn_kwargs={"w": w}, compute=ray.data.TaskPoolStrategy(size=size),
-                                max_retries=retries, retry_exceptions=False, **common)
+            with _retry_args_allowed():
+                ds = ds.map_batches(_run_task, fn_kwargs={"w": w}, compute=ray.data.TaskPoolStrategy(size=size),
+                                    max_retries=retries, retry_exceptions=False, **common)
     return ds
+
+
+@contextlib.contextmanager
+def _retry_args_allowed():
+    """Ray 2.60 has no named parameter for retry bounds yet and warns about the generic ones."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*ray_remote_args.* is deprecated")
+        yield
 
 
 def _cpu_scale(cfg: PipelineConfig, local: bool) -> float:

@@ -96,13 +96,14 @@ class FunAsrBackend:
         how = "set stages.asr.funasr.model to a local model directory (config.yaml, model.pt, tokens.json, am.mvn)"
         if not is_local(ref) and looks_like_path(ref):
             raise model_not_found(ref, "FunASR", how)
+        if is_local(ref):
+            refuse_remote_code(local_path(ref))
         hide_broken_torchaudio()
         from funasr import AutoModel
 
         kw = dict(device=device, ncpu=num_threads, disable_update=True, disable_pbar=True,
                   log_level="ERROR", fp16=options.fp16 and device == "cuda", trust_remote_code=False)
         if is_local(ref):
-            refuse_remote_code(local_path(ref))
             self.model = AutoModel(model=local_path(ref), **kw)
         else:
             try:
