@@ -16,7 +16,7 @@ batch content, so a retried batch overwrites its own part instead of adding a du
 A worker process that dies (a decoder abort, an OOM kill) is retried a bounded number of times.
 Per-recording crash counters in the staging folder make this converge: after a crash the batch is
 re-run one recording at a time, each finished recording is stored at once, and a recording that
-took its worker down ``MAX_CRASHES`` times is recorded as ``failed`` ("worker crashed 3 times in
+took its worker down ``MAX_CRASHES`` times is recorded as ``failed`` ("worker crashed 2 times in
 stage X") while the rest of its batch goes on.
 """
 
@@ -58,7 +58,7 @@ FLOW_SCHEMA = pa.schema(
     [("recording_id", pa.string()), ("source_path", pa.string()), ("content_key", pa.string()),
      ("resume_from", pa.int32()), ("state", pa.string())]
 )
-MAX_CRASHES = 3  # worker deaths on one recording before it is recorded as failed
+MAX_CRASHES = 2  # worker deaths on one recording (one of them alone) before it is recorded as failed
 
 
 # ----------------------------------------------------------------------------- part files
