@@ -13,6 +13,7 @@ DASH) are refused: they make ffmpeg read other files, possibly without end.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import struct
 import subprocess
@@ -118,7 +119,7 @@ def probe(path: str | Path) -> AudioInfo:
     if head.startswith(PLAYLIST_MAGIC):
         raise AudioError(path, "unsupported", "a playlist or concat list (it names other files), not audio")
     try:
-        i = sf.info(str(path))
+        i = sf.info(os.fsencode(path))
         info = AudioInfo(i.format, i.subtype, int(i.samplerate), int(i.channels), int(i.frames),
                          float(i.frames) / i.samplerate if i.samplerate else 0.0, "soundfile")
     except (sf.LibsndfileError, RuntimeError, TypeError):
@@ -215,7 +216,7 @@ def iter_blocks(path: str | Path, info: AudioInfo | None = None, block_seconds: 
     if info.decoder == "soundfile":
         block = max(1, int(block_seconds * info.sample_rate))
         try:
-            with sf.SoundFile(str(path)) as f:
+            with sf.SoundFile(os.fsencode(path)) as f:
                 for data in f.blocks(blocksize=block, dtype="float32", always_2d=True):
                     yield data.mean(axis=1), info.sample_rate
         except (sf.LibsndfileError, RuntimeError) as e:
@@ -305,7 +306,7 @@ def sanitize(x: np.ndarray) -> np.ndarray:
 
 def read_span(path: str | Path, start: float = 0.0, end: float | None = None) -> tuple[np.ndarray, int]:
     """Mono float32 samples of [start, end) seconds of a file libsndfile can seek in."""
-    with sf.SoundFile(str(path)) as f:
+    with sf.SoundFile(os.fsencode(path)) as f:
         sr = f.samplerate
         a = max(0, int(round(start * sr)))
         b = f.frames if end is None else min(f.frames, int(round(end * sr)))

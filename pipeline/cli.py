@@ -18,6 +18,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--output", help="output directory (rerunning into it resumes)")
     ap.add_argument("--ray-address", help="existing Ray cluster, e.g. 'auto' or 'ray://head:10001'")
     ap.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    ap.add_argument("--retry-failed", action="store_true", help="run recordings whose verdict is 'failed' again")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     overrides = {"progress": False} if args.no_progress else {}
@@ -27,7 +28,7 @@ def main(argv: list[str] | None = None) -> int:
             # Relative inputs in a config are relative to the repository root (where configs/ lives).
             inp = Path(cfg.run.input)
             args.input = str(inp if inp.is_absolute() else cfg.path.resolve().parent.parent / inp)
-        result = run_pipeline(cfg, args.input, args.output, args.ray_address)
+        result = run_pipeline(cfg, args.input, args.output, args.ray_address, retry_failed=args.retry_failed)
     except (ConfigError, OutputLocked, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
