@@ -132,7 +132,7 @@ def _build_vocos(config, config_path: Path):
         section = config.get(part)
         cls_path = section.get("class_path") if isinstance(section, dict) else None
         if cls_path not in allowed:
-            raise ValueError(f"{config_path}: {part}.class_path must be one of {list(allowed)}, got {cls_path!r}")
+            raise ValueError(f"{config_path}: {part}.class_path must be an allowed vocos class {list(allowed)}, got {cls_path!r}")
         init_args = section.get("init_args") or {}
         if not isinstance(init_args, dict) or not all(isinstance(k, str) and _plain(v) for k, v in init_args.items()):
             raise ValueError(f"{config_path}: {part}.init_args must map names to plain values")
