@@ -254,23 +254,22 @@ class StageWorker:
                 states.append({"recording_id": rid, "source_path": r["source_path"], "_missing": True})
         return states
 
-    # -- crash accounting: a small file per recording counts the attempts that did not return
+    # -- crash accounting: small marker files count the attempts that did not return
 
-    def _crashes(self, rid: str) -> int:
+    def _crashes(self, name: str) -> int:
         try:
-            return int((self.crash_dir / rid).read_text() or 0)
+            return int((self.crash_dir / name).read_text() or 0)
         except (OSError, ValueError):
             return 0
 
-    def _set_crashes(self, rid: str, n: int) -> None:
+    def _set_crashes(self, name: str, n: int) -> None:
         self.crash_dir.mkdir(parents=True, exist_ok=True)
-        tmp = self.crash_dir / f".{rid}.tmp"
+        tmp = self.crash_dir / f".{name}.tmp"
         tmp.write_text(str(n))
-        tmp.replace(self.crash_dir / rid)
+        tmp.replace(self.crash_dir / name)
 
-    def _clear_crashes(self, rids: list[str]) -> None:
-        for rid in rids:
-            (self.crash_dir / rid).unlink(missing_ok=True)
+    def _clear_crashes(self, name: str) -> None:
+        (self.crash_dir / name).unlink(missing_ok=True)
 
     def _process(self, states: list[dict], keys: dict[str, str]) -> list[dict]:
         missing = [s for s in states if s.get("_missing")]
@@ -278,15 +277,18 @@ class StageWorker:
         for s in missing:
             del s["_missing"]
             s.update(status="failed", reason=f"resume: no stored output of stage {self.w.upstream.name!r}")
-        rids = [s["recording_id"] for s in present]
-        if any(self._crashes(rid) for rid in rids):
-            # A worker died on this batch before: one recording at a time, each stored at once.
+        # One marker per batch while it runs (Ray retries a task with the same rows): found on
+        # entry, it means a worker died on this batch before.
+        batch = _part_name(self.w.spec.fingerprint, [s["recording_id"] for s in present]).replace(".parquet", "")
+        if present and self._crashes(batch):
+            # One recording at a time, each stored at once, so that the next death names its row.
             results = [self._guarded_one(s, keys) for s in present]
             if missing:
                 self._write(missing, keys, 0.0)
+            self._clear_crashes(batch)
             return results + missing
-        for rid in rids:
-            self._set_crashes(rid, 1)
+        if present:
+            self._set_crashes(batch, 1)
         t0 = time.perf_counter()
         results: list[dict] = []
         if present:
@@ -299,7 +301,7 @@ class StageWorker:
                 # Isolate the recording that breaks the batch; the others go on.
                 results = [self._process_one(s) for s in present]
         self._write(results + missing, keys, time.perf_counter() - t0)
-        self._clear_crashes(rids)
+        self._clear_crashes(batch)
         return results + missing
 
     def _guarded_one(self, state: dict, keys: dict[str, str]) -> dict:
@@ -314,7 +316,7 @@ class StageWorker:
             table = pq.read_table(stage_dir / "state" / name)
             if table.num_rows:  # stored before the last crash: not run again
                 return json.loads(table.column("state")[0].as_py())
-        n = self._crashes(rid)
+        n = self._crashes(rid) or 1  # the death of the whole batch counts for each of its rows
         t0 = time.perf_counter()
         if n >= MAX_CRASHES:
             log.error("stage %s: %s took its worker down %d times; recorded as failed", self.w.spec.name, rid, n)
@@ -323,7 +325,7 @@ class StageWorker:
             self._set_crashes(rid, n + 1)
             result = self._process_one(state)
         self._write([result], keys, time.perf_counter() - t0)
-        self._clear_crashes([rid])
+        self._clear_crashes(rid)
         return result
 
     def _write(self, results: list[dict], keys: dict[str, str], seconds: float) -> None:
