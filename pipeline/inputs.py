@@ -55,7 +55,8 @@ def fs_path(source_path: str) -> str:
 def recording_id(path: str | os.PathLike) -> str:
     """Same file path, same id on every run: a readable stem plus a hash of the absolute path
     (two files with the same name in different folders never collide)."""
-    p = Path(fs_path(str(path)) if isinstance(path, str) else path).resolve()
+    p = Path(fs_path(str(path)) if isinstance(path, str) else path)
+    p = p.resolve() if p.exists() else Path(os.path.abspath(p))  # a broken link keeps its own name
     stem = re.sub(r"[^A-Za-z0-9]+", "_", display_path(p.stem)).strip("_")[:40] or "rec"
     return f"{stem}-{hashlib.sha1(os.fsencode(p)).hexdigest()[:10]}"
 
@@ -77,7 +78,8 @@ def content_key(path: str | os.PathLike) -> str:
 
 
 def _entry(path: str, verdict: tuple[str, str] | None = None) -> Input:
-    real = str(Path(path).resolve())
+    # A broken link is shown as itself: its target does not exist.
+    real = str(Path(path).resolve()) if os.path.exists(path) else os.path.abspath(path)
     key = "-"
     if verdict is None:
         try:
@@ -171,7 +173,7 @@ def discover(input_spec: str | Path) -> list[Input]:
     # One entry per real file: two links to one file (or a folder reached twice) count once.
     unique: dict[str, tuple[str, tuple[str, str] | None]] = {}
     for path, verdict in found:
-        unique.setdefault(str(Path(path).resolve()), (path, verdict))
+        unique.setdefault(str(Path(path).resolve()) if os.path.exists(path) else os.path.abspath(path), (path, verdict))
     # Hashing is file I/O: threads overlap it (a network file system answers slowly).
     with ThreadPoolExecutor(8) as pool:
         entries = list(pool.map(lambda item: _entry(item[0], item[1]), [unique[k] for k in unique]))

@@ -61,6 +61,7 @@ def make_hostile_folder(d: Path) -> dict[str, tuple[str, str]]:
     os.symlink("..", d / "sub" / "up")
     os.symlink("../..", d / "sub" / "deeper" / "top")
     os.symlink("good.wav", d / "alias.wav")
+    os.symlink("nowhere.wav", d / "dangling.wav")
     (d / ".hidden.wav").write_bytes((d / "good.wav").read_bytes())
     (d / ".cache").mkdir()
     (d / ".cache" / "x.wav").write_bytes(b"x")
@@ -78,6 +79,7 @@ def make_hostile_folder(d: Path) -> dict[str, tuple[str, str]]:
         "loop2.wav": ("rejected", "playlist"),
         "onehz.wav": ("rejected", "sample rate 1 Hz"),
         "sub/notes.txt": ("rejected", "not_audio"),
+        "dangling.wav": ("failed", "broken_link"),
         ".hidden.wav": ("rejected", "hidden"),
         ".cache": ("rejected", "hidden"),
         "caf\\xe9.wav": ("kept", ""),
