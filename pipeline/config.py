@@ -33,6 +33,8 @@ class ConfigError(ValueError):
 # BCP-47-like: "en", "zh", "yue", "en-US", "zh_Hans". Language codes become folder names.
 LANGUAGE_CODE = re.compile(r"^[A-Za-z]{2,3}([-_][A-Za-z0-9]{2,8})*$")
 MODEL_FILES_HASHED = 200  # files of a model folder whose identity enters the fingerprint
+# Keys that name folders the pipeline writes or fills (not model inputs).
+NOT_MODEL_KEYS = ("cache_dir", "dir")
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
@@ -141,6 +143,8 @@ def _model_files(config: dict) -> dict[str, list]:
     """Identity of every local file or folder a stage config names (model weights, token files)."""
     out: dict[str, list] = {}
     for key, value in _strings(config):
+        if key.rsplit(".", 1)[-1] in NOT_MODEL_KEYS:
+            continue
         if "/" not in value and not _looks_like_path(value):
             continue  # a plain word ("en", "silero") or a hub id is no local file
         p = Path(os.path.expanduser(value))
@@ -188,6 +192,8 @@ def check_model_paths(cfg: "PipelineConfig") -> None:
     errors = []
     for spec in cfg.stages:
         for key, value in _strings(spec.config.model_dump(mode="json", exclude={"resources", "uses"})):
+            if key.rsplit(".", 1)[-1] in NOT_MODEL_KEYS:
+                continue
             if value.startswith(("/", "./", "../", "~")) and not Path(os.path.expanduser(value)).exists():
                 errors.append(f"stages.{spec.name}.{key}: {value} does not exist")
     if errors:
