@@ -631,61 +631,51 @@ def run_pipeline(cfg: PipelineConfig, input_spec: str | Path | None = None, outp
     except OSError as e:
         raise OutputError(f"{output}: cannot create the output folder: {e.strerror or e}") from e
     try:
-        return _run(cfg, input_spec, output, ray_address, retry_failed, t0)
-    except OSError as e:
-        if e.errno == errno.ENOSPC:
-            raise OutputError(f"{output}: no space left on device ({e.filename or 'writing outputs'}); "
-                              "finished work is kept: free space and run again") from e
-        raise
+        inputs = discover(input_spec)
+        current = {i.recording_id: i.content_key for i in inputs if i.verdict is None}
+        done = {spec.name: load_outcomes(output, spec) for spec in cfg.stages}
+        rows = plan(inputs, cfg.stages, done, retry_failed)
+        if retry_failed:
+            _forget_crashes(output, cfg.stages, rows)
+        _say(f"{len(inputs)} input files; {len(inputs) - len(rows)} already finished; {len(rows)} to run")
+        if rows:
+            for i, spec in enumerate(cfg.stages):
+                n = sum(r["resume_from"] <= i for r in rows)
+                _say(f"  {spec.name:<15} up to {n} recordings  [{spec.cls.__name__}, fingerprint {spec.fingerprint}]")
+            _init_ray(cfg, ray_address)
+            ds = _build(rows, cfg, output, local=not (ray_address or cfg.run.ray.address))
+            finished = 0
+            for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+                finished += batch.num_rows
+        # Published only now, after every recording went through: a stopped or failed run leaves
+        # the previous outputs as they were (its finished parts stay staged for the next run).
+        for spec in cfg.stages:
+            publish(output, spec, current)
+        (output / "run_config.json").write_text(json.dumps(
+            {"config_file": str(cfg.path) if cfg.path else None, "config": cfg.raw,
+             "stages": [{"name": s.name, "fingerprint": s.fingerprint} for s in cfg.stages]}, indent=2, default=str))
+        done = {spec.name: load_outcomes(output, spec) for spec in cfg.stages}
+        for spec in cfg.stages:
+            spec.cls.finalize(spec.config, output)
+        ledger = build_ledger(output, inputs, cfg.stages, done)
+        manifests.write_table(ledger, output / "ledger.parquet")
+        if cfg.run.report.enabled:
+            report.write_report(output)
+        for spec in cfg.stages:
+            o = done[spec.name]
+            if o.audio_seconds > 0:
+                _say(f"  {spec.name:<15} {o.seconds:8.1f} worker s for {o.audio_seconds / 3600:.3f} audio h "
+                     f"(RTF {o.seconds / o.audio_seconds:.4f})")
+        counts = Counter(zip(ledger.column("status").to_pylist(), ledger.column("stage").to_pylist()))
+        _say("ledger: " + ", ".join(f"{n} {st} at {sg}" for (st, sg), n in sorted(counts.items())))
+        return RunResult(output, len(inputs), len(rows), ledger, time.time() - t0)
     except Exception as e:
-        if "No space left on device" in str(e):
-            raise OutputError(f"{output}: no space left on device (in a worker); "
+        if (isinstance(e, OSError) and e.errno == errno.ENOSPC) or "No space left on device" in str(e):
+            raise OutputError(f"{output}: no space left on device ({getattr(e, 'filename', None) or 'writing outputs'}); "
                               "finished work is kept: free space and run again") from e
         raise
     finally:
         lock.close()
-
-
-def _run(cfg: PipelineConfig, input_spec: str | Path, output: Path, ray_address: str | None,
-         retry_failed: bool, t0: float) -> RunResult:
-    inputs = discover(input_spec)
-    current = {i.recording_id: i.content_key for i in inputs if i.verdict is None}
-    done = {spec.name: load_outcomes(output, spec) for spec in cfg.stages}
-    rows = plan(inputs, cfg.stages, done, retry_failed)
-    if retry_failed:
-        _forget_crashes(output, cfg.stages, rows)
-    _say(f"{len(inputs)} input files; {len(inputs) - len(rows)} already finished; {len(rows)} to run")
-    if rows:
-        for i, spec in enumerate(cfg.stages):
-            n = sum(r["resume_from"] <= i for r in rows)
-            _say(f"  {spec.name:<15} up to {n} recordings  [{spec.cls.__name__}, fingerprint {spec.fingerprint}]")
-        _init_ray(cfg, ray_address)
-        ds = _build(rows, cfg, output, local=not (ray_address or cfg.run.ray.address))
-        finished = 0
-        for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-            finished += batch.num_rows
-    # Published only now, after every recording went through: a stopped or failed run leaves
-    # the previous outputs as they were (its finished parts stay staged for the next run).
-    for spec in cfg.stages:
-        publish(output, spec, current)
-    (output / "run_config.json").write_text(json.dumps(
-        {"config_file": str(cfg.path) if cfg.path else None, "config": cfg.raw,
-         "stages": [{"name": s.name, "fingerprint": s.fingerprint} for s in cfg.stages]}, indent=2, default=str))
-    done = {spec.name: load_outcomes(output, spec) for spec in cfg.stages}
-    for spec in cfg.stages:
-        spec.cls.finalize(spec.config, output)
-    ledger = build_ledger(output, inputs, cfg.stages, done)
-    manifests.write_table(ledger, output / "ledger.parquet")
-    if cfg.run.report.enabled:
-        report.write_report(output)
-    for spec in cfg.stages:
-        o = done[spec.name]
-        if o.audio_seconds > 0:
-            _say(f"  {spec.name:<15} {o.seconds:8.1f} worker s for {o.audio_seconds / 3600:.3f} audio h "
-                 f"(RTF {o.seconds / o.audio_seconds:.4f})")
-    counts = Counter(zip(ledger.column("status").to_pylist(), ledger.column("stage").to_pylist()))
-    _say("ledger: " + ", ".join(f"{n} {st} at {sg}" for (st, sg), n in sorted(counts.items())))
-    return RunResult(output, len(inputs), len(rows), ledger, time.time() - t0)
 
 
 def _write_stage_record(output: Path, spec: StageSpec) -> None:
