@@ -199,12 +199,13 @@ def test_changed_removed_and_retried_inputs(tmp_path, ray_local):
     cfg_file = tmp_path / "changed.yaml"
     cfg_file.write_text(yaml.safe_dump(tone_config(out, min_duration=0.4), sort_keys=False))  # stage order
     cmd = [sys.executable, str(ROOT / "run_pipeline.py"), "--config", str(cfg_file), "--input", str(src), "--no-progress"]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    log = open(tmp_path / "changed.log", "w")
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     staged = out / ".state" / "ingest"
-    deadline = time.time() + 120
+    deadline = time.time() + 240
     try:
         while time.time() < deadline and not any(staged.glob("*/manifest/*.parquet")):
-            assert proc.poll() is None, "the changed run ended before it could be killed"
+            assert proc.poll() is None, (tmp_path / "changed.log").read_text()[-3000:]
             time.sleep(0.05)
         assert any(staged.glob("*/manifest/*.parquet")), "the changed run did no work within the limit"
     finally:
@@ -213,6 +214,7 @@ def test_changed_removed_and_retried_inputs(tmp_path, ray_local):
         except ProcessLookupError:
             pass
         proc.wait()
+        log.close()
     assert _snapshot(out) == before
 
     # Same path, new content (another tone, another length); b removed; c's obstacle cleared.
