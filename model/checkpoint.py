@@ -58,10 +58,32 @@ def read_model_config(path: str | os.PathLike) -> dict:
     unknown = [k for k in model_cfg if k not in MODEL_CONFIG_KEYS]
     if missing or unknown:
         raise ValueError(f"{path}: 'model' section: missing keys {missing}, unknown keys {unknown}")
+    _check_model_types(path, model_cfg)
     feature = config.get("feature", FEATURE_CONFIG)
     if feature.get("type", "vocos") != "vocos" or int(feature.get("sampling_rate", 24000)) != 24000:
         raise ValueError(f"{path}: only 24 kHz vocos features are supported, got {feature}")
     return {"model": dict(model_cfg), "feature": dict(feature)}
+
+
+def _check_model_types(path: Path, model_cfg: dict) -> None:
+    """Each value a positive integer, or (per decoder stack) a list of them as long as
+    ``fm_decoder_downsampling_factor``: a wrong value names its key and the file, not a layer."""
+    def positive_int(v) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool) and v > 0
+
+    stacks = model_cfg["fm_decoder_downsampling_factor"]
+    if not (isinstance(stacks, list) and stacks and all(positive_int(v) for v in stacks)):
+        raise ValueError(f"{path}: model.fm_decoder_downsampling_factor must be a non-empty list of "
+                         f"positive integers, got {stacks!r}")
+    for key, value in model_cfg.items():
+        if isinstance(value, list):
+            if len(value) != len(stacks) or not all(positive_int(v) for v in value):
+                raise ValueError(f"{path}: model.{key} must be {len(stacks)} positive integers (one per "
+                                 f"fm_decoder_downsampling_factor stack), got {value!r}")
+        elif key in ("fm_decoder_num_layers", "fm_decoder_cnn_module_kernel"):
+            raise ValueError(f"{path}: model.{key} must be a list of {len(stacks)} positive integers, got {value!r}")
+        elif not positive_int(value):
+            raise ValueError(f"{path}: model.{key} must be a positive integer, got {value!r}")
 
 
 def strip_ddp_prefix(state_dict: StateDict) -> StateDict:

@@ -101,6 +101,49 @@ class GriffinLimVocoder(Vocoder):
         return istft(mag * angles).clamp(-1.0, 1.0)
 
 
+# The only classes a Vocos config.yaml may name, per part. A config is data: it is never used to
+# import a module or call a name it chooses (``vocos.pretrained.instantiate_class`` would do both).
+VOCOS_CLASSES = {
+    "feature_extractor": ("vocos.feature_extractors.MelSpectrogramFeatures", "vocos.feature_extractors.EncodecFeatures"),
+    "backbone": ("vocos.models.VocosBackbone", "vocos.models.VocosResNetBackbone"),
+    "head": ("vocos.heads.ISTFTHead", "vocos.heads.IMDCTSymExpHead", "vocos.heads.IMDCTCosHead"),
+}
+
+
+def _plain(value) -> bool:
+    """Numbers, strings, booleans and lists of them: no nested mapping that could name a class."""
+    if isinstance(value, (list, tuple)):
+        return all(_plain(v) for v in value)
+    return value is None or isinstance(value, (bool, int, float, str))
+
+
+def _build_vocos(config, config_path: Path):
+    if not isinstance(config, dict):
+        raise ValueError(f"{config_path}: expected a mapping with feature_extractor, backbone and head")
+    import vocos.feature_extractors
+    import vocos.heads
+    import vocos.models
+    from vocos import Vocos
+
+    modules = {"vocos.feature_extractors": vocos.feature_extractors, "vocos.models": vocos.models,
+               "vocos.heads": vocos.heads}
+    parts = {}
+    for part, allowed in VOCOS_CLASSES.items():
+        section = config.get(part)
+        cls_path = section.get("class_path") if isinstance(section, dict) else None
+        if cls_path not in allowed:
+            raise ValueError(f"{config_path}: {part}.class_path must be an allowed vocos class {list(allowed)}, got {cls_path!r}")
+        init_args = section.get("init_args") or {}
+        if not isinstance(init_args, dict) or not all(isinstance(k, str) and _plain(v) for k, v in init_args.items()):
+            raise ValueError(f"{config_path}: {part}.init_args must map names to plain values")
+        module, name = cls_path.rsplit(".", 1)
+        try:
+            parts[part] = getattr(modules[module], name)(**init_args)
+        except TypeError as e:
+            raise ValueError(f"{config_path}: {part}.init_args do not fit {cls_path}: {e}") from None
+    return Vocos(**parts)
+
+
 def _load_vocos_dir(directory: Path) -> VocosVocoder:
     config_path, weights_path = directory / "config.yaml", directory / "pytorch_model.bin"
     for p in (config_path, weights_path):
@@ -108,14 +151,7 @@ def _load_vocos_dir(directory: Path) -> VocosVocoder:
             raise FileNotFoundError(f"Vocos directory {directory} lacks {p.name} (needs config.yaml and pytorch_model.bin)")
     with open(config_path) as f:
         config = yaml.safe_load(f)
-    # config.yaml names classes to instantiate: accept only Vocos' own, never arbitrary imports.
-    for part in ("feature_extractor", "backbone", "head"):
-        cls = (config or {}).get(part, {}).get("class_path", "")
-        if not str(cls).startswith("vocos."):
-            raise ValueError(f"{config_path}: {part}.class_path must be a vocos class, got {cls!r}")
-    from vocos import Vocos
-
-    model = Vocos.from_hparams(str(config_path))
+    model = _build_vocos(config, config_path)
     state = torch.load(weights_path, map_location="cpu", weights_only=True)
     try:
         model.load_state_dict(state)

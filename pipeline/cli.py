@@ -41,6 +41,8 @@ def build_parser():
                     help="level of the pipeline's own log messages")
     ap.add_argument("--verbose", action="store_true",
                     help="also show Ray's own progress bars, log lines and worker output")
+    ap.add_argument("--retry-failed", action="store_true",
+                    help="run recordings whose verdict is 'failed' again (not 'rejected' ones)")
     return ap
 
 
@@ -60,7 +62,8 @@ def _run(args) -> int:
     overrides = {"progress": False} if args.no_progress else {}
     cfg = load_config(args.config, overrides, sets=args.sets)
     inputs = list(args.inputs) + list(args.input)
-    result = run_pipeline(cfg, inputs or None, args.output, args.ray_address, verbose=args.verbose)
+    result = run_pipeline(cfg, inputs or None, args.output, args.ray_address, verbose=args.verbose,
+                          retry_failed=args.retry_failed)
     print(f"[pipeline] done in {result.seconds:.1f} s: results in {result.output}")
     print(f"[pipeline]   manifests: {result.output / 'manifests'}")
     print(f"[pipeline]   ledger:    {result.output / 'ledger.parquet'}")

@@ -11,6 +11,8 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,6 +29,32 @@ DEFAULT_CONFIG = REPO_ROOT / "configs" / "local.yaml"
 
 class ConfigError(ValueError):
     pass
+
+
+# BCP-47-like: "en", "zh", "yue", "en-US", "zh_Hans". Language codes become folder names.
+LANGUAGE_CODE = re.compile(r"^[A-Za-z]{2,3}([-_][A-Za-z0-9]{2,8})*$")
+MODEL_FILES_HASHED = 200  # files of a model folder whose identity enters the fingerprint
+# Keys that name folders the pipeline writes or fills (not model inputs).
+NOT_MODEL_KEYS = ("cache_dir", "dir")
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """A YAML loader that refuses a key given twice in one mapping (YAML would keep the last
+    silently, so a typo'd copy of a section would override the intended one)."""
+
+
+def _construct_unique_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool = False):
+    seen: dict = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if key in seen:
+            raise ConfigError(f"duplicate key {key!r} at line {key_node.start_mark.line + 1} "
+                              f"(first given at line {seen[key]})")
+        seen[key] = key_node.start_mark.line + 1
+    return loader.construct_mapping(node, deep=deep)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_unique_mapping)
 
 
 class RayConfig(BaseModel):
@@ -84,16 +112,94 @@ def _format_errors(prefix: str, err: ValidationError) -> list[str]:
     return lines
 
 
+def _strings(obj: Any, key: str = ""):
+    """(dotted key, value) of every string in a config dump."""
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            yield from _strings(v, f"{key}.{k}" if key else str(k))
+    elif isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            yield from _strings(v, f"{key}.{i}")
+    elif isinstance(obj, str):
+        yield key, obj
+
+
+def _looks_like_path(value: str) -> bool:
+    return value.startswith(("/", "./", "../", "~")) or value.endswith((".pt", ".bin", ".safetensors", ".onnx"))
+
+
+def _file_identity(path: Path) -> list:
+    """Size, mtime and a hash of the head and tail: a model file replaced at the same path
+    changes the fingerprint of the stages that use it."""
+    from pipeline.inputs import content_key
+
+    st = path.stat()
+    try:
+        return [st.st_size, st.st_mtime_ns, content_key(path)]
+    except OSError:
+        return [st.st_size, st.st_mtime_ns]
+
+
+def _model_files(config: dict) -> dict[str, list]:
+    """Identity of every local file or folder a stage config names (model weights, token files)."""
+    out: dict[str, list] = {}
+    for key, value in _strings(config):
+        if key.rsplit(".", 1)[-1] in NOT_MODEL_KEYS:
+            continue
+        if "/" not in value and not _looks_like_path(value):
+            continue  # a plain word ("en", "silero") or a hub id is no local file
+        p = Path(os.path.expanduser(value))
+        try:
+            if p.is_file():
+                out[key] = _file_identity(p)
+            elif p.is_dir():
+                files = sorted(f for f in p.rglob("*") if f.is_file())[:MODEL_FILES_HASHED]
+                out[key] = [[str(f.relative_to(p)), *_file_identity(f)] for f in files]
+        except OSError:
+            continue
+    return out
+
+
 def _fingerprint(name: str, cls: type[Stage], config: StageConfig, upstream: str) -> str:
     # Resources change how fast a stage runs, not what it writes: they stay out of the hash.
+    dump = config.model_dump(mode="json", exclude={"resources", "uses"})
     payload = {
         "name": name,
         "stage": f"{cls.__module__}.{cls.__qualname__}",
         "version": cls.version,
-        "config": config.model_dump(mode="json", exclude={"resources", "uses"}),
+        "config": dump,
         "upstream": upstream,
     }
+    files = _model_files(dump)
+    if files:  # only then: fingerprints of configs without local model files stay as they were
+        payload["files"] = files
     return hashlib.sha1(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _check_values(name: str, dump: dict) -> list[str]:
+    """Values that become file names must not leave their folder."""
+    errors = []
+    for key, value in _strings(dump):
+        leaf = key.rsplit(".", 1)[-1]
+        parent = key.rsplit(".", 2)[-2] if key.count(".") >= 1 else ""
+        if leaf in ("language",) or parent == "languages":
+            if not LANGUAGE_CODE.match(value):
+                errors.append(f"stages.{name}.{key}: {value!r} is not a language code (e.g. 'en', 'zh', 'en-US')")
+    return errors
+
+
+def check_model_paths(cfg: "PipelineConfig") -> None:
+    """Fail before any work when a config names a local model path that does not exist."""
+    errors = []
+    for spec in cfg.stages:
+        for key, value in _strings(spec.config.model_dump(mode="json", exclude={"resources", "uses"})):
+            if key.rsplit(".", 1)[-1] in NOT_MODEL_KEYS:
+                continue
+            if value.startswith(("/", "./", "../", "~")) and not Path(os.path.expanduser(value)).exists():
+                errors.append(f"stages.{spec.name}.{key}: {value} does not exist")
+    if errors:
+        where = cfg.path or "<config>"
+        raise ConfigError(f"{where}: missing model files:\n  " + "\n  ".join(errors))
 
 
 def parse_config(raw: dict[str, Any], source: str = "<config>", path: Path | None = None) -> PipelineConfig:
@@ -128,6 +234,10 @@ def parse_config(raw: dict[str, Any], source: str = "<config>", path: Path | Non
             cfg = cls.Config.model_validate(section)
         except ValidationError as e:
             errors += _format_errors(f"stages.{name}", e)
+            continue
+        value_errors = _check_values(name, cfg.model_dump(mode="json", exclude={"resources", "uses"}))
+        if value_errors:
+            errors += value_errors
             continue
         resources = cls.default_resources.model_copy(
             update=cfg.resources.model_dump(exclude_unset=True) if cfg.resources else {}
@@ -203,9 +313,13 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
     path = Path(path) if path else DEFAULT_CONFIG
     if not path.exists():
         raise ConfigError(f"{path}: config file not found")
+    if path.is_dir():
+        raise ConfigError(f"{path}: is a folder, not a config file")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
+        raw = yaml.load(path.read_text(), Loader=_UniqueKeyLoader) or {}
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
         raise ConfigError(f"{path}: not valid YAML: {e}") from e
     source = str(path)
     if isinstance(raw, dict):

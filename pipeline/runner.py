@@ -1,26 +1,37 @@
 """The generic runner: a config's stages -> one streaming Ray Data pipeline, resumable.
 
 Rows are recordings. Each stage worker writes, per batch, an atomic part file of its manifest
-(whose Parquet metadata records the stage fingerprint and the verdict of every recording in the
-batch) and a part file of the rows it passes on (the "state" that downstream stages read). A
-rerun reads those verdicts first: recordings a stage already finished with the same fingerprint
-skip it, and parts written under another fingerprint (a changed config upstream or in the stage)
-are deleted, so that stage and everything downstream run again. Part names are derived from the
-batch content, so a retried batch overwrites its own part instead of adding a duplicate, and
-readers deduplicate by key anyway. At the end of a run the parts are compacted into one sorted
-file per stage and the ledger is written.
+(whose Parquet metadata records the stage fingerprint and, for every recording of the batch, its
+verdict and the content key of its source file) and a part file of the rows it passes on (the
+"state" that downstream stages read). Parts are staged under ``.state/<stage>/<fingerprint>/``;
+the published manifest ``manifests/<stage>/<stage>.parquet`` changes only at the end of a run that
+finished, when the staged parts are merged into it (rows of the current inputs only: a removed
+input leaves, a re-run recording's rows replace its old ones). So a stopped run, or one started
+with a changed config, leaves the previous complete outputs as they were, and superseded parts are
+deleted only after their replacement is published. A rerun reads the verdicts first: recordings a
+stage already finished with the same fingerprint and the same content key skip it; a changed
+config or a changed file runs again from the stage concerned. Part names are derived from the
+batch content, so a retried batch overwrites its own part instead of adding a duplicate.
+
+A worker process that dies (a decoder abort, an OOM kill) is retried a bounded number of times.
+Per-recording crash counters in the staging folder make this converge: after a crash the batch is
+re-run one recording at a time, each finished recording is stored at once, and a recording that
+took its worker down ``MAX_CRASHES`` times is recorded as ``failed`` ("worker crashed 2 times in
+stage X") while the rest of its batch goes on.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import errno
 import fcntl
 import hashlib
 import json
 import math
 import logging
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -37,8 +48,8 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
 from pipeline import manifests, report
-from pipeline.config import PipelineConfig, StageSpec
-from pipeline.inputs import expand_inputs
+from pipeline.config import PipelineConfig, StageSpec, check_model_paths
+from pipeline.inputs import Input, expand_inputs
 from pipeline.progress import Progress
 from pipeline.stage import StageContext, limit_threads
 
@@ -47,8 +58,10 @@ log = logging.getLogger("pipeline")
 PART_META_KEY = b"opendialog.part"
 STATE_DIR = ".state"
 FLOW_SCHEMA = pa.schema(
-    [("recording_id", pa.string()), ("source_path", pa.string()), ("resume_from", pa.int32()), ("state", pa.string())]
+    [("recording_id", pa.string()), ("source_path", pa.string()), ("content_key", pa.string()),
+     ("resume_from", pa.int32()), ("state", pa.string())]
 )
+MAX_CRASHES = 2  # worker deaths on one recording (one of them alone) before it is recorded as failed
 
 
 # ----------------------------------------------------------------------------- part files
@@ -69,8 +82,15 @@ def _part_name(fingerprint: str, rids: list[str]) -> str:
     return f"part-{h}.parquet"
 
 
-def _stage_dirs(output: Path, stage: str) -> tuple[Path, Path]:
-    return output / "manifests" / stage, output / STATE_DIR / stage
+def _published(output: Path, stage: str, fingerprint: str) -> tuple[Path, Path]:
+    """The published manifest of a stage and the state file that goes with it at ``fingerprint``
+    (named by it: while a new generation is being published the old pair stays consistent)."""
+    return (output / "manifests" / stage / f"{stage}.parquet",
+            output / STATE_DIR / stage / f"{stage}-{fingerprint}.parquet")
+
+
+def _staging(output: Path, stage: str, fingerprint: str) -> Path:
+    return output / STATE_DIR / stage / fingerprint
 
 
 def part_meta(path: Path) -> dict | None:
@@ -84,53 +104,55 @@ def part_meta(path: Path) -> dict | None:
 
 @dataclass
 class StageOutcomes:
-    """Verdicts of one stage read from its part files: rid -> (status, reason)."""
+    """Verdicts of one stage at one fingerprint: rid -> (status, reason, content key), read from
+    the published manifest (when it has this fingerprint) and the staged parts, the later source
+    of a recording winning."""
 
     fingerprint: str
-    outcomes: dict[str, tuple[str, str | None]] = field(default_factory=dict)
-    files: list[Path] = field(default_factory=list)
+    outcomes: dict[str, tuple[str, str | None, str | None]] = field(default_factory=dict)
+    # (manifest file, state file) in reading order: the published pair first, then staged parts.
+    files: list[tuple[Path, Path]] = field(default_factory=list)
+    winner: dict[str, int] = field(default_factory=dict)  # rid -> index in files
     seconds: float = 0.0  # worker time spent on these recordings
     audio_seconds: float = 0.0  # their duration
 
 
-def load_outcomes(output: Path, spec: StageSpec, prune: bool = True) -> StageOutcomes:
-    """Read the verdicts of a stage; delete (or ignore) parts of other fingerprints."""
-    mdir, sdir = _stage_dirs(output, spec.name)
+def load_outcomes(output: Path, spec: StageSpec) -> StageOutcomes:
+    """Read the verdicts of a stage at its current fingerprint (nothing is deleted here)."""
     res = StageOutcomes(spec.fingerprint)
-    for f in sorted(mdir.glob("*.parquet")):
-        meta = part_meta(f)
+    manifest, state = _published(output, spec.name, spec.fingerprint)
+    stage_dir = _staging(output, spec.name, spec.fingerprint)
+    staged = sorted((stage_dir / "manifest").glob("*.parquet"),
+                    key=lambda f: (f.stat().st_mtime_ns, f.name)) if (stage_dir / "manifest").exists() else []
+    for f, sf in [(manifest, state)] + [(f, stage_dir / "state" / f.name) for f in staged]:
+        meta = part_meta(f) if f.exists() else None
         if meta is None or meta.get("fingerprint") != spec.fingerprint:
-            if prune:
-                f.unlink(missing_ok=True)
-                (sdir / f.name).unlink(missing_ok=True)
             continue
-        res.files.append(f)
+        k = len(res.files)
+        res.files.append((f, sf))
         res.seconds += meta.get("seconds", 0.0)
         res.audio_seconds += meta.get("audio_seconds", 0.0)
-        for rid, (status, reason) in meta["outcomes"].items():
-            res.outcomes[rid] = (status, reason)
-    if prune and sdir.exists():
-        # State parts without their manifest part were written by a batch that was killed before
-        # finishing; they are rewritten when the batch runs again.
-        live = {f.name for f in res.files}
-        for f in sdir.glob("*.parquet"):
-            if f.name not in live:
-                f.unlink(missing_ok=True)
+        for rid, o in meta["outcomes"].items():
+            # Parts written before content keys existed carry none: they never match an input.
+            res.outcomes[rid] = (o[0], o[1], o[2] if len(o) > 2 else None)
+            res.winner[rid] = k
     return res
 
 
 def write_parts(output: Path, spec: StageSpec, rows: list[dict], manifest_rows: list[dict],
-                seconds: float = 0.0) -> None:
-    """Persist one processed batch: state of the rows passed on, then the manifest part (whose
-    existence marks the batch as done). ``seconds``: worker time the batch took, kept with the
-    audio duration it covered so that every stage's cost per audio hour can be reported."""
-    mdir, sdir = _stage_dirs(output, spec.name)
+                seconds: float = 0.0, keys: dict[str, str] | None = None) -> str:
+    """Persist one processed batch in the staging folder: state of the rows passed on, then the
+    manifest part (whose existence marks the batch as done). ``seconds``: worker time the batch
+    took, kept with the audio duration it covered so that every stage's cost per audio hour can
+    be reported. ``keys``: content key of each recording's source file. Returns the part name."""
+    stage_dir = _staging(output, spec.name, spec.fingerprint)
+    keys = keys or {}
     rids = [r["recording_id"] for r in rows]
     name = _part_name(spec.fingerprint, rids)
     meta = {
         "fingerprint": spec.fingerprint,
         "stage": spec.name,
-        "outcomes": {r["recording_id"]: [r["status"], r.get("reason")] for r in rows},
+        "outcomes": {r["recording_id"]: [r["status"], r.get("reason"), keys.get(r["recording_id"])] for r in rows},
         "seconds": round(seconds, 4),
         "audio_seconds": round(sum(float(r.get("duration") or 0.0) for r in rows), 4),
     }
@@ -141,20 +163,33 @@ def write_parts(output: Path, spec: StageSpec, rows: list[dict], manifest_rows: 
             "state": pa.array([json.dumps(r, default=_json_default) for r in ok], pa.string()),
         }
     )
-    manifests.write_table(state, sdir / name)
+    manifests.write_table(state, stage_dir / "state" / name)
     table = manifests.to_table(
         spec.cls.manifest, manifest_rows, {PART_META_KEY: json.dumps(meta).encode()}
     )
-    manifests.write_table(table, mdir / name)
+    manifests.write_table(table, stage_dir / "manifest" / name)
+    return name
 
 
-def read_states(output: Path, stage: str, rids: list[str]) -> dict[str, dict]:
-    sdir = _stage_dirs(output, stage)[1]
-    if not rids or not sdir.exists():
+def read_states(output: Path, spec: StageSpec, rids: list[str], done: StageOutcomes | None = None) -> dict[str, dict]:
+    """The stored rows of ``rids`` that ``spec`` passed on, each from the source holding its
+    current verdict."""
+    if not rids:
         return {}
-    ds = pads.dataset(str(sdir), format="parquet")
-    table = ds.to_table(filter=pc.field("recording_id").isin(rids))
-    return {rid: json.loads(s) for rid, s in zip(table.column("recording_id").to_pylist(), table.column("state").to_pylist())}
+    done = done or load_outcomes(output, spec)
+    by_file: dict[int, list[str]] = {}
+    for rid in rids:
+        if rid in done.winner:
+            by_file.setdefault(done.winner[rid], []).append(rid)
+    out: dict[str, dict] = {}
+    for k, want in by_file.items():
+        state_file = done.files[k][1]
+        if not state_file.exists():
+            continue
+        table = pq.read_table(state_file, filters=[("recording_id", "in", want)])
+        for rid, st in zip(table.column("recording_id").to_pylist(), table.column("state").to_pylist()):
+            out[rid] = json.loads(st)
+    return out
 
 
 # ----------------------------------------------------------------------------- the worker
@@ -164,7 +199,7 @@ def read_states(output: Path, stage: str, rids: list[str]) -> dict[str, dict]:
 class _WorkerSpec:
     spec: StageSpec
     index: int
-    upstream: str | None  # name of the previous stage (its state feeds resumed rows)
+    upstream: StageSpec | None  # the previous stage (its state feeds resumed rows)
     output: Path
     last: bool
 
@@ -177,24 +212,22 @@ class StageWorker:
         limit_threads(max(1, int(round(w.spec.resources.num_cpus))))
         ctx = StageContext(w.spec.name, w.output, w.spec.resources.num_cpus, w.spec.resources.num_gpus)
         self.stage = w.spec.cls(w.spec.config, ctx)
+        self._upstream_done: StageOutcomes | None = None
+        self.crash_dir = _staging(w.output, w.spec.name, w.spec.fingerprint) / "crashes"
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         rows = batch.to_pylist()
         idx = self.w.index
         passing = [r for r in rows if r["resume_from"] > idx]
         todo = [r for r in rows if r["resume_from"] <= idx]
+        keys = {r["recording_id"]: r["content_key"] for r in todo}
         states = self._states(todo)
-        t0 = time.perf_counter()
-        results = self._process(states) if states else []
-        if results:
-            manifest_rows = []
-            for r in results:
-                manifest_rows += self._manifest_rows(r)
-            write_parts(self.w.output, self.w.spec, results, manifest_rows, time.perf_counter() - t0)
+        results = self._process(states, keys) if states else []
         out = passing + [
             {
                 "recording_id": r["recording_id"],
                 "source_path": r["source_path"],
+                "content_key": keys[r["recording_id"]],
                 "resume_from": idx + 1,
                 # The last stage's rows are only counted by the driver: keep them small.
                 "state": "" if self.w.last else json.dumps(r, default=_json_default),
@@ -206,7 +239,11 @@ class StageWorker:
 
     def _states(self, rows: list[dict]) -> list[dict]:
         need = [r["recording_id"] for r in rows if not r["state"]]
-        loaded = read_states(self.w.output, self.w.upstream, need) if need and self.w.upstream else {}
+        loaded: dict[str, dict] = {}
+        if need and self.w.upstream is not None:
+            if self._upstream_done is None:  # resumed rows were finished upstream before this run
+                self._upstream_done = load_outcomes(self.w.output, self.w.upstream)
+            loaded = read_states(self.w.output, self.w.upstream, need, self._upstream_done)
         states = []
         for r in rows:
             rid = r["recording_id"]
@@ -220,12 +257,42 @@ class StageWorker:
                 states.append({"recording_id": rid, "source_path": r["source_path"], "_missing": True})
         return states
 
-    def _process(self, states: list[dict]) -> list[dict]:
+    # -- crash accounting: small marker files count the attempts that did not return
+
+    def _crashes(self, name: str) -> int:
+        try:
+            return int((self.crash_dir / name).read_text() or 0)
+        except (OSError, ValueError):
+            return 0
+
+    def _set_crashes(self, name: str, n: int) -> None:
+        self.crash_dir.mkdir(parents=True, exist_ok=True)
+        tmp = self.crash_dir / f".{name}.tmp"
+        tmp.write_text(str(n))
+        tmp.replace(self.crash_dir / name)
+
+    def _clear_crashes(self, name: str) -> None:
+        (self.crash_dir / name).unlink(missing_ok=True)
+
+    def _process(self, states: list[dict], keys: dict[str, str]) -> list[dict]:
         missing = [s for s in states if s.get("_missing")]
         present = [s for s in states if not s.get("_missing")]
         for s in missing:
             del s["_missing"]
-            s.update(status="failed", reason=f"resume: no stored output of stage {self.w.upstream!r}")
+            s.update(status="failed", reason=f"resume: no stored output of stage {self.w.upstream.name!r}")
+        # One marker per batch while it runs (Ray retries a task with the same rows): found on
+        # entry, it means a worker died on this batch before.
+        batch = _part_name(self.w.spec.fingerprint, [s["recording_id"] for s in present]).replace(".parquet", "")
+        if present and self._crashes(batch):
+            # One recording at a time, each stored at once, so that the next death names its row.
+            results = [self._guarded_one(s, keys) for s in present]
+            if missing:
+                self._write(missing, keys, 0.0)
+            self._clear_crashes(batch)
+            return results + missing
+        if present:
+            self._set_crashes(batch, 1)
+        t0 = time.perf_counter()
         results: list[dict] = []
         if present:
             try:
@@ -236,11 +303,43 @@ class StageWorker:
             except Exception:
                 # Isolate the recording that breaks the batch; the others go on.
                 results = [self._process_one(s) for s in present]
+        self._write(results + missing, keys, time.perf_counter() - t0)
+        self._clear_crashes(batch)
+        return results + missing
+
+    def _guarded_one(self, state: dict, keys: dict[str, str]) -> dict:
+        rid = state["recording_id"]
+        name = _part_name(self.w.spec.fingerprint, [rid])
+        stage_dir = _staging(self.w.output, self.w.spec.name, self.w.spec.fingerprint)
+        meta = part_meta(stage_dir / "manifest" / name) if (stage_dir / "manifest" / name).exists() else None
+        if meta is not None and rid in meta["outcomes"] and meta["outcomes"][rid][2:3] == [keys.get(rid)]:
+            status, reason = meta["outcomes"][rid][:2]
+            if status != "ok":
+                return dict(state, status=status, reason=reason)
+            table = pq.read_table(stage_dir / "state" / name)
+            if table.num_rows:  # stored before the last crash: not run again
+                return json.loads(table.column("state")[0].as_py())
+        n = self._crashes(rid) or 1  # the death of the whole batch counts for each of its rows
+        t0 = time.perf_counter()
+        if n >= MAX_CRASHES:
+            log.error("stage %s: %s took its worker down %d times; recorded as failed", self.w.spec.name, rid, n)
+            result = dict(state, status="failed", reason=f"worker crashed {n} times in stage {self.w.spec.name}")
+        else:
+            self._set_crashes(rid, n + 1)
+            result = self._process_one(state)
+        self._write([result], keys, time.perf_counter() - t0)
+        self._clear_crashes(rid)
+        return result
+
+    def _write(self, results: list[dict], keys: dict[str, str], seconds: float) -> None:
         for r in results:
             if r.get("status") not in manifests.STATUSES:
                 r["reason"] = f"stage returned invalid status {r.get('status')!r}"
                 r["status"] = "failed"
-        return results + missing
+        manifest_rows: list[dict] = []
+        for r in results:
+            manifest_rows += self._manifest_rows(r)
+        write_parts(self.w.output, self.w.spec, results, manifest_rows, seconds, keys)
 
     def _process_one(self, state: dict) -> dict:
         try:
@@ -277,35 +376,63 @@ class OutputLocked(RuntimeError):
     pass
 
 
+class OutputError(ValueError):
+    """The output folder cannot be used or written (a file given as the folder, disk full)."""
+
+
 def _lock(output: Path):
+    if output.exists() and not output.is_dir():
+        raise OutputError(f"{output}: the output must be a folder, and this is a file")
     output.mkdir(parents=True, exist_ok=True)
-    fh = open(output / ".lock", "w")
+    # Opened without truncation: a run that loses the race must not erase the winner's pid.
+    fh = os.fdopen(os.open(output / ".lock", os.O_RDWR | os.O_CREAT, 0o644), "r+")
     try:
         fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError as e:
+        holder = fh.read().strip()
         fh.close()
-        raise OutputLocked(f"{output}: another pipeline run is writing to this output directory") from e
+        raise OutputLocked(f"{output}: another pipeline run{f' (pid {holder})' if holder else ''} "
+                           "is writing to this output directory") from e
+    fh.seek(0)
+    fh.truncate()
     fh.write(str(os.getpid()))
     fh.flush()
     return fh
 
 
-def plan(inputs: list[tuple[str, str]], stages: list[StageSpec], done: dict[str, StageOutcomes]) -> list[dict]:
-    """The rows to run: each with the index of the first stage it still needs."""
+def plan(inputs: list[Input], stages: list[StageSpec], done: dict[str, StageOutcomes],
+         retry_failed: bool = False) -> list[dict]:
+    """The rows to run: each with the index of the first stage it still needs. A verdict counts
+    only when it was given to the same content; ``retry_failed`` runs ``failed`` ones again."""
     rows = []
-    for src, rid in inputs:
+    for inp in inputs:
+        if inp.verdict is not None:
+            continue  # settled by discovery (hidden, unreadable, broken link)
         k = 0
         for spec in stages:
-            o = done[spec.name].outcomes.get(rid)
-            if o is None:
+            o = done[spec.name].outcomes.get(inp.recording_id)
+            if o is None or o[2] != inp.content_key:
                 break
             if o[0] != "ok":
-                k = -1  # left the pipeline at this stage: finished
+                if not (retry_failed and o[0] == "failed"):
+                    k = -1  # left the pipeline at this stage: finished
                 break
             k += 1
         if 0 <= k < len(stages):
-            rows.append({"recording_id": rid, "source_path": src, "resume_from": k, "state": ""})
+            rows.append({"recording_id": inp.recording_id, "source_path": inp.source_path,
+                         "content_key": inp.content_key, "resume_from": k, "state": ""})
     return rows
+
+
+def _forget_crashes(output: Path, stages: list[StageSpec], rows: list[dict]) -> None:
+    """Rows retried on purpose start with no crash record and no stored single-row verdict."""
+    for r in rows:
+        spec = stages[r["resume_from"]]
+        stage_dir = _staging(output, spec.name, spec.fingerprint)
+        (stage_dir / "crashes" / r["recording_id"]).unlink(missing_ok=True)
+        name = _part_name(spec.fingerprint, [r["recording_id"]])
+        for sub in ("manifest", "state"):
+            (stage_dir / sub / name).unlink(missing_ok=True)
 
 
 def _init_ray(cfg: PipelineConfig, address: str | None, verbose: bool = False) -> None:
@@ -395,19 +522,34 @@ def _build(rows: list[dict], cfg: PipelineConfig, output: Path, local: bool, ver
             # Round down: a sum of requests just above the total would never be scheduled.
             res = res.model_copy(update={"num_cpus": math.floor(res.num_cpus * scale * 1000) / 1000})
             spec = StageSpec(spec.name, spec.cls, spec.config, res, spec.fingerprint)
-        w = _WorkerSpec(spec, i, cfg.stages[i - 1].name if i else None, output, i == n - 1)
+        w = _WorkerSpec(spec, i, cfg.stages[i - 1] if i else None, output, i == n - 1)
         common = dict(batch_size=res.batch_size, batch_format="pyarrow", num_cpus=res.num_cpus, zero_copy_batch=False)
+        # Bounded retries of dead workers (Ray Data's default is to retry forever): enough for the
+        # crash counters to isolate every recording of a batch (see StageWorker._process).
+        retries = 2 + (MAX_CRASHES - 1) * res.batch_size
         if res.num_gpus:
             common["num_gpus"] = res.num_gpus
         conc = res.concurrency
         if spec.cls.stateful:
             pool = ray.data.ActorPoolStrategy(size=conc) if isinstance(conc, int) else \
                 ray.data.ActorPoolStrategy(min_size=conc[0], max_size=conc[1])
-            ds = ds.map_batches(StageWorker, fn_constructor_kwargs={"w": w}, compute=pool, **common)
+            with _retry_args_allowed():
+                ds = ds.map_batches(StageWorker, fn_constructor_kwargs={"w": w}, compute=pool,
+                                    max_restarts=retries, max_task_retries=retries, **common)
         else:
             size = conc if isinstance(conc, int) else conc[1]
-            ds = ds.map_batches(_run_task, fn_kwargs={"w": w}, compute=ray.data.TaskPoolStrategy(size=size), **common)
+            with _retry_args_allowed():
+                ds = ds.map_batches(_run_task, fn_kwargs={"w": w}, compute=ray.data.TaskPoolStrategy(size=size),
+                                    max_retries=retries, retry_exceptions=False, **common)
     return ds
+
+
+@contextlib.contextmanager
+def _retry_args_allowed():
+    """Ray 2.60 has no named parameter for retry bounds yet and warns about the generic ones."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*ray_remote_args.* is deprecated")
+        yield
 
 
 def _cpu_scale(cfg: PipelineConfig, local: bool) -> float:
@@ -431,34 +573,59 @@ def _cpu_scale(cfg: PipelineConfig, local: bool) -> float:
     return scale
 
 
-def compact(output: Path, spec: StageSpec) -> None:
-    """Merge a stage's parts into one sorted, deduplicated file (manifest and state)."""
-    mdir, sdir = _stage_dirs(output, spec.name)
-    parts = load_outcomes(output, spec, prune=False)
-    if len(parts.files) <= 1 and all(f.name == f"{spec.name}.parquet" for f in parts.files):
-        return
-    name = f"{spec.name}.parquet"
-    schema = spec.cls.manifest
-    # State first: if we are killed half-way, the manifest parts (the done markers) still exist and
-    # their state is found either in the old parts or in the new compacted file.
-    state_files = [sdir / f.name for f in parts.files if (sdir / f.name).exists()]
-    if state_files:
-        st = manifests.dedupe(pa.concat_tables([pq.read_table(f) for f in state_files]), ("recording_id",))
-        manifests.write_table(st, sdir / name)
-    tables = [manifests.read_manifest_file(schema, f) for f in parts.files]
-    table = manifests.dedupe(pa.concat_tables(tables, promote_options="none"), manifests.KEYS[schema])
-    meta = {"fingerprint": spec.fingerprint, "stage": spec.name,
-            "outcomes": {k: list(v) for k, v in sorted(parts.outcomes.items())},
-            "seconds": round(parts.seconds, 4), "audio_seconds": round(parts.audio_seconds, 4)}
-    table = table.replace_schema_metadata({**manifests.schema_for(schema).metadata, PART_META_KEY: json.dumps(meta).encode()})
-    manifests.write_table(table, mdir / name)
-    for f in parts.files:
-        if f.name != name:
-            f.unlink(missing_ok=True)
-            (sdir / f.name).unlink(missing_ok=True)
+def publish(output: Path, spec: StageSpec, current: dict[str, str]) -> None:
+    """Make the current fingerprint's results the stage's published manifest and state: for every
+    recording of ``current`` (rid -> content key) the rows of its newest verdict for that content;
+    then delete what they supersede (other generations, staged parts, removed inputs' rows)."""
+    done = load_outcomes(output, spec)
+    manifest, state = _published(output, spec.name, spec.fingerprint)
+    keep = {rid: k for rid, k in done.winner.items()
+            if rid in current and done.outcomes[rid][2] == current[rid]}
+    unchanged = len(done.files) == 1 and done.files[0][0] == manifest and len(keep) == len(done.winner)
+    if not unchanged:
+        schema = spec.cls.manifest
+        tables, states, seconds, audio_seconds = [], [], 0.0, 0.0
+        for k, (mf, sf) in enumerate(done.files):
+            rids = [rid for rid, kk in keep.items() if kk == k]
+            if not rids:
+                continue
+            meta = part_meta(mf) or {}
+            seconds += meta.get("seconds", 0.0)
+            audio_seconds += meta.get("audio_seconds", 0.0)
+            t = manifests.read_manifest_file(schema, mf)
+            tables.append(t.filter(pc.field("recording_id").isin(rids)))
+            if sf.exists():
+                st = pq.read_table(sf)
+                states.append(st.filter(pc.field("recording_id").isin(rids)).select(["recording_id", "state"]))
+        fp_meta = {PART_META_KEY: json.dumps({"fingerprint": spec.fingerprint, "stage": spec.name}).encode()}
+        st = pa.concat_tables(states) if states else pa.table(
+            {"recording_id": pa.array([], pa.string()), "state": pa.array([], pa.string())})
+        # State first: if we are killed before the manifest, the old manifest still pairs with its
+        # own state file (named by its fingerprint) and the staged parts are still there.
+        manifests.write_table(manifests.dedupe(st, ("recording_id",)).replace_schema_metadata(fp_meta), state)
+        table = pa.concat_tables([t.select(manifests.SCHEMAS[schema].names) for t in tables]) if tables \
+            else manifests.to_table(schema, [])
+        table = manifests.dedupe(table, manifests.KEYS[schema])
+        meta = {"fingerprint": spec.fingerprint, "stage": spec.name,
+                "outcomes": {rid: list(done.outcomes[rid]) for rid in sorted(keep)},
+                "seconds": round(seconds, 4), "audio_seconds": round(audio_seconds, 4)}
+        table = table.replace_schema_metadata({**manifests.schema_for(schema).metadata, PART_META_KEY: json.dumps(meta).encode()})
+        manifests.write_table(table, manifest)
+    _write_stage_record(output, spec)
+    # Only now is anything superseded deleted: staged generations, old state files, and parts
+    # left by versions of this program that kept them next to the manifest.
+    sroot = output / STATE_DIR / spec.name
+    for p in list(sroot.glob("*")) if sroot.exists() else []:
+        if p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+        elif p != state:
+            p.unlink(missing_ok=True)
+    for p in manifest.parent.glob("*.parquet"):
+        if p != manifest:
+            p.unlink(missing_ok=True)
 
 
-def build_ledger(output: Path, inputs: list[tuple[str, str]], stages: list[StageSpec],
+def build_ledger(output: Path, inputs: list[Input], stages: list[StageSpec],
                  done: dict[str, StageOutcomes]) -> pa.Table:
     durations: dict[str, float] = {}
     first = stages[0]
@@ -482,11 +649,15 @@ def build_ledger(output: Path, inputs: list[tuple[str, str]], stages: list[Stage
         except manifests.ManifestError:
             pass
     rows = []
-    for src, rid in inputs:
+    for src, rid, key, verdict in inputs:
+        if verdict is not None:
+            rows.append(dict(source_path=src, recording_id=rid, status=verdict[0], stage="discover",
+                             reason=verdict[1], duration=None, kept_segments=0, kept_duration=0.0))
+            continue
         status, stage, reason = "kept", last.name, None
         for spec in stages:
             o = done[spec.name].outcomes.get(rid)
-            if o is None:
+            if o is None or o[2] != key:
                 status, stage, reason = "pending", spec.name, "not processed yet (interrupted run?)"
                 break
             if o[0] != "ok":
@@ -500,25 +671,29 @@ def build_ledger(output: Path, inputs: list[tuple[str, str]], stages: list[Stage
 
 def run_pipeline(cfg: PipelineConfig, input_spec: str | Path | list[str | Path] | None = None,
                  output: str | Path | None = None, ray_address: str | None = None, *,
-                 verbose: bool = False) -> RunResult:
-    """Run every stage on the inputs. ``input_spec``: a folder, a list file, a file, a glob, or a
-    list of those (:func:`pipeline.inputs.expand_inputs`); default ``run.input`` of the config.
-    ``verbose``: Ray's own progress bars and worker logs on the console."""
+                 verbose: bool = False, retry_failed: bool = False) -> RunResult:
+    """Run (or resume) the pipeline on the inputs. ``input_spec``: a folder, a list file, a file, a
+    glob, or a list of those (:func:`pipeline.inputs.expand_inputs`); default ``run.input`` of the
+    config. ``verbose``: Ray's own progress bars and worker logs on the console. ``retry_failed``:
+    recordings whose verdict is ``failed`` (not ``rejected``) run again from the stage that failed
+    them."""
     t0 = time.time()
     input_spec = input_spec or cfg.run.input
     if not input_spec:
         raise ValueError("no input: name files or folders on the command line or set run.input in the config")
     output = Path(output or cfg.run.output).resolve()
-    lock = _lock(output)
+    check_model_paths(cfg)  # before any work: a missing model must not wait until ingest is done
+    try:
+        lock = _lock(output)
+    except OSError as e:
+        raise OutputError(f"{output}: cannot create the output folder: {e.strerror or e}") from e
     try:
         inputs = expand_inputs(input_spec)
-        (output / "run_config.json").write_text(json.dumps(
-            {"config_file": str(cfg.path) if cfg.path else None, "config": cfg.raw,
-             "stages": [{"name": s.name, "fingerprint": s.fingerprint} for s in cfg.stages]}, indent=2, default=str))
-        for spec in cfg.stages:
-            _write_stage_record(output, spec)
+        current = {i.recording_id: i.content_key for i in inputs if i.verdict is None}
         done = {spec.name: load_outcomes(output, spec) for spec in cfg.stages}
-        rows = plan(inputs, cfg.stages, done)
+        rows = plan(inputs, cfg.stages, done, retry_failed)
+        if retry_failed:
+            _forget_crashes(output, cfg.stages, rows)
         _say(f"{len(inputs)} input files; {len(inputs) - len(rows)} already finished; {len(rows)} to run")
         if rows:
             planned = [sum(r["resume_from"] <= i for r in rows) for i in range(len(cfg.stages))]
@@ -532,8 +707,13 @@ def run_pipeline(cfg: PipelineConfig, input_spec: str | Path | list[str | Path] 
                     pass
             finally:
                 progress.close()
+        # Published only now, after every recording went through: a stopped or failed run leaves
+        # the previous outputs as they were (its finished parts stay staged for the next run).
         for spec in cfg.stages:
-            compact(output, spec)
+            publish(output, spec, current)
+        (output / "run_config.json").write_text(json.dumps(
+            {"config_file": str(cfg.path) if cfg.path else None, "config": cfg.raw,
+             "stages": [{"name": s.name, "fingerprint": s.fingerprint} for s in cfg.stages]}, indent=2, default=str))
         done = {spec.name: load_outcomes(output, spec) for spec in cfg.stages}
         for spec in cfg.stages:
             spec.cls.finalize(spec.config, output)
@@ -549,6 +729,11 @@ def run_pipeline(cfg: PipelineConfig, input_spec: str | Path | list[str | Path] 
         counts = Counter(zip(ledger.column("status").to_pylist(), ledger.column("stage").to_pylist()))
         _say("ledger: " + ", ".join(f"{n} {st} at {sg}" for (st, sg), n in sorted(counts.items())))
         return RunResult(output, len(inputs), len(rows), ledger, time.time() - t0)
+    except Exception as e:
+        if (isinstance(e, OSError) and e.errno == errno.ENOSPC) or "No space left on device" in str(e):
+            raise OutputError(f"{output}: no space left on device ({getattr(e, 'filename', None) or 'writing outputs'}); "
+                              "finished work is kept: free space and run again") from e
+        raise
     finally:
         lock.close()
 
@@ -559,7 +744,7 @@ class _PartWatcher:
     parts of other fingerprints are not this run's work."""
 
     def __init__(self, output: Path, stages: list[StageSpec], progress: Progress):
-        self.dirs = [_stage_dirs(output, s.name)[0] for s in stages]
+        self.dirs = [_staging(output, s.name, s.fingerprint) / "manifest" for s in stages]
         self.fingerprints = [s.fingerprint for s in stages]
         self.progress = progress
         self.seen = [set(os.listdir(d)) if d.is_dir() else set() for d in self.dirs]

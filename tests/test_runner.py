@@ -123,7 +123,8 @@ def _tables(out: Path) -> dict[str, list[dict]]:
 
 
 def _parts(out: Path, stage: str) -> list[Path]:
-    return sorted((out / "manifests" / stage).glob("*.parquet"))
+    """Part files a running stage has staged (published manifests change only at the end)."""
+    return sorted((out / ".state" / stage).glob("*/manifest/*.parquet"))
 
 
 def test_sigkill_mid_run_then_resume_equals_uninterrupted(tmp_path, ray_local, utterance):
@@ -168,8 +169,9 @@ def test_sigkill_mid_run_then_resume_equals_uninterrupted(tmp_path, ray_local, u
         keys = [tuple(r[k] for k in manifests.KEYS[stage if stage == "ledger" else "recordings"]) for r in b[stage]]
         assert len(set(keys)) == len(keys), f"duplicate rows in {stage}"
         assert b[stage] == a[stage], stage
-    # Everything is compacted into one file per stage.
-    assert [p.name for p in _parts(out, "vad")] == ["vad.parquet"]
+    # Everything is published as one file per stage; nothing stays staged.
+    assert [p.name for p in (out / "manifests" / "vad").glob("*.parquet")] == ["vad.parquet"]
+    assert _parts(out, "vad") == []
 
 
 def test_config_change_reruns_stage_and_downstream_only(tmp_path, ray_local, utterance):

@@ -11,15 +11,18 @@ from __future__ import annotations
 
 import gzip
 import json
-from pathlib import Path
+import os
+from pathlib import Path, PurePosixPath
 from typing import Literal
 
 import numpy as np
 import soundfile as sf
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from pipeline import manifests
-from pipeline.audio import read_source_span
+from pipeline.audio import read_source_span, sanitize
+from pipeline.config import LANGUAGE_CODE
+from pipeline.inputs import fs_path
 from pipeline.stage import Resources, Stage, StageConfig
 
 SUFFIX = {"mp3": ".mp3", "flac": ".flac", "wav": ".wav"}
@@ -31,11 +34,30 @@ class ExportConfig(StageConfig):
     sample_rate: int = Field(24000, ge=8000, le=48000)
     peak_normalize: bool = Field(False, description="scale each segment so its peak is at -1 dBFS")
 
+    @field_validator("dir")
+    @classmethod
+    def _inside_output(cls, v: str) -> str:
+        p = PurePosixPath(v.replace("\\", "/"))
+        if not v.strip() or p.is_absolute() or Path(v).is_absolute() or ".." in p.parts or p == PurePosixPath("."):
+            raise ValueError(f"{v!r}: must be a relative folder inside the output folder (no '..', not absolute)")
+        if p.parts[0] in ("manifests", "cache", ".state"):
+            raise ValueError(f"{v!r}: {p.parts[0]}/ belongs to the pipeline's own files")
+        return v
+
+
+def inside(root: Path, path: Path) -> Path:
+    """``path`` if it stays inside ``root`` once resolved, else ValueError: no value read from
+    data or config may make a writer leave its folder."""
+    real_root, real = root.resolve(), path.resolve()
+    if real != real_root and real_root not in real.parents:
+        raise ValueError(f"{path} would leave {root}")
+    return path
+
 
 def write_segment_audio(path: Path, audio: np.ndarray, sample_rate: int, fmt: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
-    audio = np.clip(audio, -1.0, 1.0)
+    audio = sanitize(np.asarray(audio, dtype=np.float32))
     if fmt == "mp3":
         # compression_level 0 = the highest bitrate the sample rate allows (160 kbps at 24 kHz).
         with sf.SoundFile(str(tmp), "w", samplerate=sample_rate, channels=1, format="MP3",
@@ -60,9 +82,14 @@ class ExportStage(Stage):
         for row in rows:
             segs = [s for s in row.get("segments") or [] if s["status"] == "ok"]
             for seg in segs:
-                rel = Path("audio") / (seg.get("language") or "und") / f"{seg['segment_id']}{SUFFIX[cfg.format]}"
                 try:
-                    audio = read_source_span(row["source_path"], seg["start"], seg["end"], cfg.sample_rate)
+                    lang = seg.get("language") or "und"
+                    if not LANGUAGE_CODE.match(lang):
+                        raise ValueError(f"language {lang!r} is not a language code")
+                    rel = Path("audio") / lang / f"{seg['segment_id']}{SUFFIX[cfg.format]}"
+                    inside(root, root / rel)
+                    audio = sanitize(read_source_span(fs_path(row["source_path"]), seg["start"], seg["end"],
+                                                      cfg.sample_rate))
                     if not len(audio):
                         raise ValueError("no samples in the source span")
                     if cfg.peak_normalize and np.abs(audio).max() > 0:
@@ -90,6 +117,7 @@ class ExportStage(Stage):
             return
         rows = [r for r in table.to_pylist() if r["status"] == "ok"]
         root.mkdir(parents=True, exist_ok=True)
+        _remove_unlisted_audio(root, {r["path"] for r in rows})
         manifests.write_table(manifests.to_table("export", rows), root / "segments.parquet")
         by_lang: dict[str, list[dict]] = {}
         for r in rows:
@@ -129,6 +157,19 @@ def _lhotse_cut(r: dict, sample_rate: int, root: Path) -> dict:
         },
         "type": "MonoCut",
     }
+
+
+def _remove_unlisted_audio(root: Path, listed: set[str]) -> None:
+    """Audio files of segments that left the corpus (their input was removed or changed, or a
+    config change dropped them) go too: the folder holds exactly what the manifests list."""
+    audio = root / "audio"
+    if not audio.is_dir():
+        return
+    for dirpath, _, names in os.walk(audio):
+        for name in names:
+            p = Path(dirpath) / name
+            if p.suffix in SUFFIX.values() and p.relative_to(root).as_posix() not in listed:
+                p.unlink(missing_ok=True)
 
 
 def _atomic_text(path: Path, text: str) -> None:

@@ -11,13 +11,20 @@ that the kaldi-native-fbank path is taken.
 
 Confidence = exp(mean over the predicted tokens of the decoder's best log-probability), i.e. the
 geometric-mean probability of the greedy tokens, read from the decoder output. 0..1.
+
+A model folder is data, never code: FunASR would import a Python file named by the folder's
+config (``trust_remote_code``/``remote_code``); such a folder is refused and the option is forced
+off for hub models too.
 """
 
 from __future__ import annotations
 
+import json
 import sys
+from pathlib import Path
 
 import numpy as np
+import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
 from pipeline.backends.asr import SAMPLE_RATE, Transcript, as_float32, looks_like_path
@@ -50,6 +57,33 @@ def hide_broken_torchaudio() -> bool:
     return False
 
 
+def refuse_remote_code(folder: str | Path) -> None:
+    """ValueError when a FunASR model folder's config asks to run code from the folder."""
+    folder = Path(folder)
+    configs = [folder / "config.yaml"]
+    meta = folder / "configuration.json"
+    if meta.is_file():
+        try:
+            conf = json.loads(meta.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:
+            raise ValueError(f"{meta}: not valid JSON ({e})") from None
+        configs.append(meta)
+        if isinstance(conf, dict) and isinstance(conf.get("file_path_metas"), dict):
+            name = conf["file_path_metas"].get("config")
+            if isinstance(name, str):
+                configs.append(folder / name)
+    for f in configs:
+        if not f.is_file():
+            continue
+        try:
+            cfg = json.loads(f.read_text(encoding="utf-8")) if f.suffix == ".json" else yaml.safe_load(f.read_text(encoding="utf-8"))
+        except (OSError, ValueError, yaml.YAMLError) as e:
+            raise ValueError(f"{f}: cannot be read ({e})") from None
+        if isinstance(cfg, dict) and (cfg.get("trust_remote_code") or cfg.get("remote_code")):
+            raise ValueError(f"{f}: asks for trust_remote_code (running Python code from the model folder); "
+                             "refused: use a model folder without it")
+
+
 class FunAsrBackend:
     name = "funasr"
     Options = FunAsrOptions
@@ -63,11 +97,13 @@ class FunAsrBackend:
         how = "set stages.asr.funasr.model to a local model directory (config.yaml, model.pt, tokens.json, am.mvn)"
         if not is_local(ref) and looks_like_path(ref):
             raise model_not_found(ref, "FunASR", how)
+        if is_local(ref):
+            refuse_remote_code(local_path(ref))
         hide_broken_torchaudio()
         from funasr import AutoModel
 
         kw = dict(device=device, ncpu=num_threads, disable_update=True, disable_pbar=True,
-                  log_level="ERROR", fp16=options.fp16 and device == "cuda")
+                  log_level="ERROR", fp16=options.fp16 and device == "cuda", trust_remote_code=False)
         if is_local(ref):
             self.model = AutoModel(model=local_path(ref), **kw)
         else:

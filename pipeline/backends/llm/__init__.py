@@ -131,12 +131,13 @@ def neutralise(text: str, special_tokens: Iterable[str] = ()) -> str:
     text = text.translate(_ESCAPES)
     tokens = [t for t in special_tokens if t]
     changed = True
-    while changed:  # until none is left, whatever a replacement leaves next to it
+    while changed:  # until none is left, whatever a replacement (or a collapsed space) leaves
         changed = False
+        text = " ".join(text.split())
         for t in tokens:
             if t in text:
                 text, changed = text.replace(t, " "), True
-    return " ".join(text.split())
+    return text
 
 
 def transcript_lines(utterances: list[dict], timing: bool = False, special_tokens: Iterable[str] = ()) -> list[str]:
@@ -202,13 +203,31 @@ def prompt_token_ids(tokenizer, row: dict, cfg: "PromptConfig", answer_format: s
     return tokenizer(text, add_special_tokens=plain)["input_ids"]
 
 
+# Delimiters that plain-text chat templates spell with ordinary tokens ([INST] of Llama 2 and
+# Mistral, "### Instruction:" of Alpaca-style templates); the data must not spell them either.
+PLAIN_DELIMITERS = ("[INST]", "[/INST]", "[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]", "### Instruction", "### Response",
+                    "### Input", "### System", "### User", "### Assistant")
+_TEMPLATE_MARKER = re.compile(r"\[/?[A-Z][A-Z_]{1,30}\]|#{2,}\s*[A-Z][A-Za-z]{1,20}")
+
+
+def template_delimiters(chat_template: str | None) -> set[str]:
+    """Bracketed upper-case markers and '### Role' headings a chat template writes as text."""
+    found = set(PLAIN_DELIMITERS)
+    if chat_template:
+        found |= {m.group(0) for m in _TEMPLATE_MARKER.finditer(chat_template)}
+    return found
+
+
 def special_tokens_of(tokenizer) -> list[str]:
-    """Every special/added token string of a HF tokenizer (what must never be spelled by the data)."""
+    """Every special/added token string of a HF tokenizer and every plain-text delimiter of its
+    chat template (what must never be spelled by the data)."""
     tokens = set(getattr(tokenizer, "all_special_tokens", []) or [])
     try:
         tokens |= {str(t) for t in tokenizer.get_added_vocab()}
     except Exception:  # noqa: BLE001 - not every tokenizer implements it
         pass
+    template = getattr(tokenizer, "chat_template", None)
+    tokens |= template_delimiters(template if isinstance(template, str) else None)
     return sorted((t for t in tokens if t.strip()), key=len, reverse=True)
 
 
