@@ -61,9 +61,9 @@ def test_list_files_are_recognised_by_content(inputs):
     assert not is_list_file(inputs / "notes.txt")  # text, but its lines name no existing path
     assert not is_list_file(inputs / "one.wav") and not is_list_file(inputs / "two.mp3")
     # an audio file given alone is one input (it used to be read as a list and fail to decode)
-    [(src, _)] = expand_inputs(inputs / "two.mp3")
-    assert src == str((inputs / "two.mp3").resolve())
-    got = [Path(s).name for s, _ in expand_inputs([inputs / "paths.lst", str(inputs / "globbed" / "*.flac"),
+    [entry] = expand_inputs(inputs / "two.mp3")
+    assert entry.source_path == str((inputs / "two.mp3").resolve()) and entry.verdict is None
+    got = [Path(e.source_path).name for e in expand_inputs([inputs / "paths.lst", str(inputs / "globbed" / "*.flac"),
                                                     inputs / "notes.txt", inputs / "one.wav", inputs / "one.wav"])]
     # sorted by path; the same file named twice is one input
     assert got == ["a.flac", "b.flac", "three.wav", "notes.txt", "one.wav"]
