@@ -107,7 +107,7 @@ class DistillObjective(nn.Module):
         if noise is None:
             noise = torch.randn(features.shape, generator=generator).to(dev, features.dtype)
         if speech_mask is None:
-            speech_mask = self.student.speech_condition_mask(lens, T)
+            speech_mask = self.student.speech_condition_mask(lens.cpu(), T, generator).to(dev)
         padding_mask = lengths_to_padding_mask(lens, T)
         x1 = features
         xt = t * x1 + (1.0 - t) * noise

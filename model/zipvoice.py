@@ -292,8 +292,9 @@ class ZipVoice(nn.Module):
 
     # ---- training --------------------------------------------------------------------------
 
-    def speech_condition_mask(self, features_lens: Tensor, num_frames: int) -> Tensor:
-        return condition_time_mask(features_lens, self.speech_mask_percent, num_frames)
+    def speech_condition_mask(self, features_lens: Tensor, num_frames: int,
+                              generator: torch.Generator | None = None) -> Tensor:
+        return condition_time_mask(features_lens, self.speech_mask_percent, num_frames, generator)
 
     def forward(self, tokens: list[list[int]], features: Tensor, features_lens: Tensor, *,
                 condition_drop_ratio: float = 0.2, t: Tensor | None = None,
@@ -351,8 +352,10 @@ class ZipVoiceDialog(ZipVoice):
         not_pad = (tokens_padded != self.pad_id).unsqueeze(-1).to(text_out.dtype)
         return text_out + self.spk_embed(rows).to(text_out.dtype) * not_pad
 
-    def speech_condition_mask(self, features_lens: Tensor, num_frames: int) -> Tensor:
-        return condition_time_mask_suffix(features_lens, self.speech_mask_percent, num_frames)
+    def speech_condition_mask(self, features_lens: Tensor, num_frames: int,
+                              generator: torch.Generator | None = None) -> Tensor:
+        return condition_time_mask_suffix(features_lens, self.speech_mask_percent, num_frames,
+                                          generator)
 
 
 class ZipVoiceDialogStereo(ZipVoiceDialog):
