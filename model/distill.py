@@ -26,7 +26,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from model.sampling import guided_velocity
+from model.sampling import guided_velocity, sample
 from model.zipvoice import ZipVoice, flow_matching_loss, lengths_to_padding_mask
 
 DistillStage = Literal["first", "second"]
@@ -133,8 +133,6 @@ def few_step_gap(student: ZipVoice, teacher: ZipVoice, tokens: list[list[int]],
                  guidance_scale: float = 1.5, seed: int = 0) -> float:
     """Mean squared difference between the student's few-step and the teacher's many-step
     generations (same prompts, lengths and starting noise): what distillation should shrink."""
-    from model.sampling import sample
-
     outs = []
     for model, steps in ((student, student_steps), (teacher, teacher_steps)):
         feats, lens = sample(model, tokens, prompt_tokens, prompt_features, prompt_lens,
