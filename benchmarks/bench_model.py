@@ -8,6 +8,10 @@ dialogue after a 3 s prompt with 16 Euler steps and CFG (batch doubled), vocoder
 CPU the RTF is timed at 1 and 3 steps and extrapolated to 16 (all steps cost the same; use
 --full-rtf to time 16). On CUDA it times 16 steps in fp32 and under bf16 and fp16 autocast (the
 paper reports RTF 0.063 for ZipVoice-Dialog on a GPU) and prints the peak GPU memory.
+
+ZipVoice-Dialog-Distill (same weights plus the guidance-scale embedding) is timed at 4 and 8
+Euler steps without the CFG double pass, next to 16-step ZipVoice-Dialog with CFG, on the same
+device (`--skip-distill` leaves it out).
 """
 
 from __future__ import annotations
@@ -24,7 +28,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from model.sampling import FRAME_RATE, sample  # noqa: E402
-from model.zipvoice import BASE_MODEL_CONFIG, ZipVoiceDialog, num_parameters  # noqa: E402
+from model.zipvoice import (  # noqa: E402
+    BASE_MODEL_CONFIG,
+    ZipVoiceDialog,
+    ZipVoiceDialogDistill,
+    num_parameters,
+)
 
 VOCAB, S1, S2 = 388, 360, 361
 
@@ -107,6 +116,7 @@ def main() -> None:
     p.add_argument("--skip-train", action="store_true")
     p.add_argument("--full-rtf", action="store_true",
                    help="on CPU, time all 16 steps instead of extrapolating from 1 and 3 steps")
+    p.add_argument("--skip-distill", action="store_true", help="no Distill RTFs")
     args = p.parse_args()
     device = args.device
     backends = {"explicit": ["explicit"], "sdpa": ["sdpa"], "both": ["explicit", "sdpa"],
@@ -121,6 +131,7 @@ def main() -> None:
     print(f"peak RSS after build: {peak_rss_gib():.2f} GiB")
 
     for backend in backends:
+        cpu_rtf = None
         model.set_attention_backend(backend)
         if not args.skip_train:
             dt = train_step_seconds(model, device)
@@ -139,9 +150,39 @@ def main() -> None:
                   f"{rtf:.3f}; peak RSS {peak_rss_gib():.2f} GiB")
         else:
             rtf, step = rtf_from_two_runs(model, device)
+            cpu_rtf = rtf
             print(f"[{backend}] one CFG Euler step (batch 2 x 13 s): {step:.2f} s; RTF, 10 s "
                   f"dialogue after a 3 s prompt, 16 steps, fp32 (timed at 1 and 3 steps, "
                   f"extrapolated): {rtf:.3f}; peak RSS {peak_rss_gib():.2f} GiB")
+
+        if not args.skip_distill:
+            distill_rtfs(model, device, backend, args.full_rtf, cpu_rtf)
+
+
+def distill_rtfs(model: ZipVoiceDialog, device: str, backend: str, full: bool,
+                 dialog_rtf: float | None = None) -> None:
+    """RTF of a 10 s dialogue after a 3 s prompt: 16-step Dialog (CFG) vs 4/8-step Distill."""
+    distill = ZipVoiceDialogDistill(**BASE_MODEL_CONFIG, vocab_size=VOCAB, pad_id=0, spk_a_id=S1,
+                                    spk_b_id=S2).to(device).eval()
+    distill.load_state_dict(model.state_dict(), strict=False)  # + the guidance-scale embedding
+    distill.set_attention_backend(backend)
+    dtypes = [("fp32", None)] + ([("bf16", torch.bfloat16)] if device == "cuda" else [])
+    for name, dtype in dtypes:
+        repeats = 3 if device == "cuda" else 1
+        generation_seconds(distill, device, 1, dtype)  # warm-up
+        if device == "cuda" or full:
+            dialog = generation_seconds(model, device, 16, dtype, repeats=repeats) / 10.0
+            how = "timed"
+        else:  # the extrapolated figure printed above
+            dialog = dialog_rtf if dialog_rtf is not None else rtf_from_two_runs(model, device)[0]
+            how = "extrapolated from 1 and 3 steps"
+        few = {n: generation_seconds(distill, device, n, dtype, repeats=repeats) / 10.0
+               for n in (4, 8)}
+        print(f"[{backend}] RTF {name}, 10 s dialogue after a 3 s prompt: Dialog 16 steps + CFG "
+              f"{dialog:.4f} ({how}); Dialog-Distill 8 steps {few[8]:.4f} "
+              f"({dialog / few[8]:.1f}x faster), 4 steps {few[4]:.4f} ({dialog / few[4]:.1f}x)")
+        if device == "cuda":
+            torch.cuda.empty_cache()
 
 
 if __name__ == "__main__":

@@ -7,7 +7,8 @@ A model folder holds three files (reference fact sheet, section 7):
     "type": "vocos"}}`;
   * `tokens.txt`: `token<TAB>id` lines; vocab size, pad id and the `[S1]`/`[S2]` ids come from it.
 
-The variant (ZipVoice / ZipVoice-Dialog / ZipVoice-Dialog-Stereo) is recognised from the keys.
+The variant (ZipVoice / ZipVoice-Dialog / ZipVoice-Dialog-Stereo, each also distilled: a decoder
+with `guidance_scale_embed`) is recognised from the keys.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from torch import Tensor
 
 from model.tokenizer import PAD_TOKEN, SPK_A_TOKEN, SPK_B_TOKEN, read_tokens, write_tokens
 from model.zipvoice import (
+    DISTILL_SUFFIX,
     MODEL_CLASSES,
     MODEL_CONFIG_KEYS,
     ZipVoice,
@@ -114,16 +116,16 @@ def load_state_dict(path: str | os.PathLike) -> StateDict:
 
 
 def detect_variant(state_dict: StateDict) -> str:
-    """"zipvoice", "zipvoice_dialog" or "zipvoice_dialog_stereo" from the state-dict keys."""
-    if "fm_decoder.guidance_scale_embed.weight" in state_dict:
-        raise ValueError("ZipVoice-Distill checkpoints are not supported by this project")
+    """"zipvoice", "zipvoice_dialog" or "zipvoice_dialog_stereo" from the state-dict keys, with
+    "_distill" appended when the decoder has a guidance-scale embedding."""
+    suffix = DISTILL_SUFFIX if "fm_decoder.guidance_scale_embed.weight" in state_dict else ""
     if "fm_decoder.in_proj.0.weight" in state_dict:
-        return "zipvoice_dialog_stereo"
+        return "zipvoice_dialog_stereo" + suffix
     if "spk_embed.weight" in state_dict:
-        return "zipvoice_dialog"
+        return "zipvoice_dialog" + suffix
     if "embed.weight" not in state_dict or "fm_decoder.in_proj.weight" not in state_dict:
         raise ValueError("not a ZipVoice state dict: 'embed.weight' / 'fm_decoder.in_proj.*' missing")
-    return "zipvoice"
+    return "zipvoice" + suffix
 
 
 def token_ids(token2id: dict[str, int], variant: str) -> dict:
@@ -131,7 +133,7 @@ def token_ids(token2id: dict[str, int], variant: str) -> dict:
     if PAD_TOKEN not in token2id:
         raise ValueError(f"token table has no pad token {PAD_TOKEN!r}")
     kwargs = {"vocab_size": len(token2id), "pad_id": token2id[PAD_TOKEN]}
-    if variant != "zipvoice":
+    if variant.removesuffix(DISTILL_SUFFIX) != "zipvoice":
         missing = [t for t in (SPK_A_TOKEN, SPK_B_TOKEN) if t not in token2id]
         if missing:
             raise ValueError(f"a dialog model needs {missing} in its token table")

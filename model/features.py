@@ -9,6 +9,7 @@ multiplied by ``FEAT_SCALE``; ``extract`` returns them unscaled.
 from __future__ import annotations
 
 import functools
+import math
 import os
 import shutil
 import subprocess
@@ -106,8 +107,59 @@ def _as_float_tensor(wave) -> torch.Tensor:
     return t
 
 
+SINC_ZERO_CROSSINGS = 6  # lowpass_filter_width of torchaudio's resampler
+SINC_ROLLOFF = 0.99
+
+
+@functools.lru_cache(maxsize=16)
+def _sinc_kernel(orig: int, new: int) -> tuple[torch.Tensor, int]:
+    """Polyphase Hann-windowed sinc filters (new, 1, K) for the reduced ratio orig -> new.
+
+    Output sample j of each block of `new` lies at input position j * orig / new; its filter is a
+    sinc of cutoff min(orig, new) * rolloff (in reduced units), cut after 6 zero crossings by a
+    cos^2 window. Built in float64 and used in float32, like `torchaudio.transforms.Resample` (the
+    reference's prompt resampler), whose quirk of forming the output phase j / new in float32 is
+    kept so the filters agree to the last bit.
+    """
+    cutoff = min(orig, new) * SINC_ROLLOFF
+    width = math.ceil(SINC_ZERO_CROSSINGS * orig / cutoff)
+    taps = torch.arange(-width, width + orig, dtype=torch.float64) / orig
+    phase = (torch.arange(0, -new, -1) / new).to(torch.float64)
+    x = (phase[:, None] + taps[None, :]) * cutoff
+    x = x.clamp(-SINC_ZERO_CROSSINGS, SINC_ZERO_CROSSINGS)
+    window = torch.cos(x * math.pi / SINC_ZERO_CROSSINGS / 2) ** 2
+    x = x * math.pi
+    kernel = torch.where(x == 0, torch.ones_like(x), x.sin() / x)
+    kernel = kernel * (window * (cutoff / orig))
+    return kernel.to(torch.float32).unsqueeze(1), width
+
+
+def resample_sinc(wave, orig_sr: int, target_sr: int) -> np.ndarray:
+    """Band-limited resampling of (N,) or (C, N) float32 audio as the reference does it.
+
+    The reference resamples prompts with `torchaudio.transforms.Resample` at its defaults
+    (Hann-windowed sinc, 6 zero crossings, rolloff 0.99); soxr's steeper filter gives other mel values near the source
+    band edge (about 6 in the log-mel for a 16 kHz prompt). Output length ceil(N * target / orig).
+    """
+    orig_sr, target_sr = int(orig_sr), int(target_sr)
+    if orig_sr <= 0 or target_sr <= 0:
+        raise ValueError(f"sampling rates must be positive, got {orig_sr} -> {target_sr}")
+    x = torch.as_tensor(np.ascontiguousarray(wave, dtype=np.float32))
+    if orig_sr == target_sr:
+        return x.numpy()
+    g = math.gcd(orig_sr, target_sr)
+    orig, new = orig_sr // g, target_sr // g
+    kernel, width = _sinc_kernel(orig, new)
+    shape = x.shape
+    flat = torch.nn.functional.pad(x.reshape(-1, shape[-1]), (width, width + orig))
+    out = torch.nn.functional.conv1d(flat.unsqueeze(1), kernel, stride=orig)  # (C, new, blocks)
+    out = out.transpose(1, 2).reshape(flat.shape[0], -1)[:, : math.ceil(new * shape[-1] / orig)]
+    return out.reshape(*shape[:-1], -1).contiguous().numpy()
+
+
 def resample(wave: np.ndarray, orig_sr: int, target_sr: int) -> np.ndarray:
-    """soxr resampling of (N,) or (C, N) float32 audio."""
+    """soxr resampling of (N,) or (C, N) float32 audio (what librosa does: the reference's
+    evaluation resampler). Model audio goes through `resample_sinc`."""
     if int(orig_sr) == int(target_sr):
         return wave
     wave = np.asarray(wave, dtype=np.float32)
@@ -134,7 +186,7 @@ class VocosFbank:
         """Features (T, 100 * num_channels), T = num_frames(samples at self.sampling_rate)."""
         t = _as_float_tensor(wave)
         if sampling_rate != self.sampling_rate:
-            t = torch.from_numpy(resample(t.numpy(), sampling_rate, self.sampling_rate))
+            t = torch.from_numpy(resample_sinc(t.numpy(), sampling_rate, self.sampling_rate))
         if self.num_channels == 1:
             if t.ndim == 2:
                 t = t.mean(dim=0)
@@ -159,12 +211,16 @@ def _fix_length(feats: torch.Tensor, target: int) -> torch.Tensor:
     return torch.cat([feats, pad], dim=0)
 
 
-def load_audio(path: str | os.PathLike, sampling_rate: int = SAMPLING_RATE, mono: bool = True) -> np.ndarray:
+def load_audio(path: str | os.PathLike, sampling_rate: int = SAMPLING_RATE, mono: bool = True,
+               resampler: str = "sinc") -> np.ndarray:
     """Read an audio file as float32 at ``sampling_rate``: (N,) when mono, else (C, N).
 
     libsndfile reads wav/flac/ogg(/mp3 in recent versions); anything else (m4a, opus in mp4, ...)
-    is decoded by ffmpeg. Resampling uses soxr.
+    is decoded by ffmpeg. Resampling: "sinc" (the reference's model-side torchaudio resampler,
+    `resample_sinc`) or "soxr" (librosa's, used by the reference's evaluation).
     """
+    if resampler not in ("sinc", "soxr"):
+        raise ValueError(f"unknown resampler {resampler!r}: use 'sinc' or 'soxr'")
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"audio file not found: {path}")
@@ -177,7 +233,8 @@ def load_audio(path: str | os.PathLike, sampling_rate: int = SAMPLING_RATE, mono
         raise ValueError(f"audio file has no samples: {path}")
     if mono:
         wave = wave.mean(axis=0)
-    wave = resample(np.ascontiguousarray(wave, dtype=np.float32), sr, sampling_rate)
+    wave = (resample_sinc if resampler == "sinc" else resample)(
+        np.ascontiguousarray(wave, dtype=np.float32), sr, sampling_rate)
     return np.ascontiguousarray(wave, dtype=np.float32)
 
 

@@ -36,6 +36,17 @@ from pipeline import clitools
 
 SAMPLING_RATE = 24000
 TARGET_RMS = 0.1
+# (Euler steps, guidance scale) when not given. Distilled models take w as an input (no CFG pass)
+# and need 4-8 steps; ZipVoice-Dialog-Distill keeps the dialog teacher's w = 1.5, a scale both
+# distillation stages trained on, ZipVoice-Distill the reference's 3.0.
+DEFAULT_SAMPLING = {"zipvoice": (16, 1.0), "zipvoice_distill": (8, 3.0)}
+DIALOG_SAMPLING, DIALOG_DISTILL_SAMPLING = (16, 1.5), (8, 1.5)
+
+
+def default_sampling(variant: str) -> tuple[int, float]:
+    if variant in DEFAULT_SAMPLING:
+        return DEFAULT_SAMPLING[variant]
+    return DIALOG_DISTILL_SAMPLING if variant.endswith("_distill") else DIALOG_SAMPLING
 FINAL_PUNCTUATION = set(".,!?;:…。，！？；：、")
 
 
@@ -136,16 +147,20 @@ def vocode(vocoder: Vocoder, features: torch.Tensor, feat_dim: int = 100) -> tor
 
 
 def synthesize(loaded: LoadedModel, tokenizer, vocoder: Vocoder, prompt_wave: np.ndarray,
-               prompt_text: str, text: str, *, raw: bool = False, num_step: int = 16,
-               guidance_scale: float = 1.5, t_shift: float = 0.5, speed: float = 1.0,
+               prompt_text: str, text: str, *, raw: bool = False, num_step: int | None = None,
+               guidance_scale: float | None = None, t_shift: float = 0.5, speed: float = 1.0,
                max_seconds: float = 40.0, seed: int = 666) -> np.ndarray:
     """Generate (C, N) float32 audio at 24 kHz for `text` in the voices of the prompt.
 
     prompt_wave: (C, N) at 24 kHz with C = 2 for the stereo model and 1 otherwise.
+    num_step / guidance_scale default to the variant's (`default_sampling`).
     """
     model = loaded.model
-    stereo = loaded.variant == "zipvoice_dialog_stereo"
-    dialog = loaded.variant != "zipvoice"
+    stereo = loaded.variant.startswith("zipvoice_dialog_stereo")
+    dialog = loaded.variant.startswith("zipvoice_dialog")
+    steps, w = default_sampling(loaded.variant)
+    num_step = steps if num_step is None else num_step
+    guidance_scale = w if guidance_scale is None else guidance_scale
     if prompt_wave.ndim != 2 or prompt_wave.shape[0] != (2 if stereo else 1):
         raise ValueError(f"{loaded.variant} needs a prompt shaped ({2 if stereo else 1}, N), "
                          f"got {prompt_wave.shape}")
@@ -218,8 +233,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="'griffin-lim', a local Vocos dir, or a hub id (default charactr/vocos-mel-24khz)")
     p.add_argument("--tokenizer", choices=["dialog", "emilia", "simple", "espeak"], default=None,
                    help="default: dialog for dialog models, emilia for ZipVoice")
-    p.add_argument("--num-step", type=int, default=16, help="Euler steps of the flow-matching sampler")
-    p.add_argument("--guidance-scale", type=float, default=1.5, help="classifier-free guidance scale")
+    p.add_argument("--num-step", type=int, default=None,
+                   help="Euler steps of the flow-matching sampler (default 16; 8 for distilled models)")
+    p.add_argument("--guidance-scale", type=float, default=None,
+                   help="classifier-free guidance scale, an input of distilled models (default 1.5 for "
+                        "dialog models, 1.0 for ZipVoice)")
     p.add_argument("--t-shift", type=float, default=0.5,
                    help="time-grid shift (< 1 puts more steps near the noise end)")
     p.add_argument("--speed", type=float, default=1.0, help="speaking rate (> 1 is faster)")
@@ -243,8 +261,8 @@ def _generate(args) -> int:
     torch.manual_seed(args.seed)
     loaded = load_model(args.checkpoint, device=args.device)
     loaded.model.set_attention_backend(args.attention)
-    stereo = loaded.variant == "zipvoice_dialog_stereo"
-    dialog = loaded.variant != "zipvoice"
+    stereo = loaded.variant.startswith("zipvoice_dialog_stereo")
+    dialog = loaded.variant.startswith("zipvoice_dialog")
     tokenizer = get_tokenizer(args.tokenizer or ("dialog" if dialog else "emilia"), loaded.token_file)
     vocoder = load_vocoder(args.vocoder).to(args.device)
     prompt_wave, prompt_text = load_prompt(args, stereo, dialog)

@@ -214,125 +214,98 @@ def map_punctuations(text: str) -> str:
     return text
 
 
-_ONES = ("zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen "
-         "sixteen seventeen eighteen nineteen").split()
-_TENS = "_ _ twenty thirty forty fifty sixty seventy eighty ninety".split()
-_SCALES = ["", "thousand", "million", "billion", "trillion"]
-_ORDINAL_IRREGULAR = {"one": "first", "two": "second", "three": "third", "five": "fifth", "eight": "eighth",
-                      "nine": "ninth", "twelve": "twelfth"}
-
-
-def number_words(n: int) -> str:
-    """Cardinal English words: 1234 -> "one thousand two hundred thirty-four"."""
-    if n < 0:
-        return "minus " + number_words(-n)
-    if n < 20:
-        return _ONES[n]
-    if n < 100:
-        return _TENS[n // 10] + (f"-{_ONES[n % 10]}" if n % 10 else "")
-    if n < 1000:
-        rest = n % 100
-        return f"{_ONES[n // 100]} hundred" + (f" {number_words(rest)}" if rest else "")
-    if n >= 1000 ** len(_SCALES):
-        return " ".join(_ONES[int(d)] for d in str(n))
-    words, scale = [], 0
-    while n:
-        n, group = divmod(n, 1000)
-        if group:
-            words.append(number_words(group) + (f" {_SCALES[scale]}" if scale else ""))
-        scale += 1
-    return " ".join(reversed(words))
-
-
-def ordinal_words(n: int) -> str:
-    """21 -> "twenty-first"."""
-    words = number_words(n)
-    head, sep, last = words.rpartition(" ")
-    pre, hyphen, last_word = last.rpartition("-")
-    if last_word in _ORDINAL_IRREGULAR:
-        last_word = _ORDINAL_IRREGULAR[last_word]
-    elif last_word.endswith("y"):
-        last_word = last_word[:-1] + "ieth"
-    else:
-        last_word += "th"
-    return head + sep + pre + hyphen + last_word
-
-
 class EnglishNormalizer:
-    """Spell out numbers, currency, ordinals, fractions, percentages and common abbreviations."""
+    """The reference's English normalisation (tacotron-cleaner style, numbers spelled by inflect).
+
+    Its exact behaviour matters: the official checkpoints were trained on the tokens it yields.
+    Rules, in order:
+      * abbreviations match as whole words, case-insensitively, with or without a period; the
+        period is kept ("Mr. X" -> "mister. X", "btw" -> "by the way"; no "vs");
+      * numbers: commas inside digit groups go; "£N" -> "N pounds"; "$D.C" -> "D dollars, C cents";
+        "a/b" -> "<a> <ordinal of b>" (singular: "two third"; halves and quarters are named);
+        "a.b" -> "a point b" (both parts read as whole numbers); "%" -> "percent"; "Nth" ordinals;
+        every remaining digit run is read as one number (leading zeros vanish: "007" -> "seven"),
+        1001..2999 as years ("nineteen eighty-four", "two thousand five", "nineteen hundred").
+    Every spelled-out number is surrounded by single spaces ("10:30" -> " ten : thirty "), and the
+    commas inflect puts after "thousand"/"million" stay: espeak hears them as short pauses.
+    """
 
     _abbreviations = [
-        (re.compile(rf"\b{abbr}\.", re.IGNORECASE), full)
+        (re.compile(rf"\b{abbr}\b", re.IGNORECASE), full)
         for abbr, full in [
             ("mrs", "misess"), ("mr", "mister"), ("dr", "doctor"), ("st", "saint"), ("co", "company"),
             ("jr", "junior"), ("maj", "major"), ("gen", "general"), ("drs", "doctors"), ("rev", "reverend"),
             ("lt", "lieutenant"), ("hon", "honorable"), ("sgt", "sergeant"), ("capt", "captain"),
-            ("esq", "esquire"), ("ltd", "limited"), ("col", "colonel"), ("ft", "fort"), ("vs", "versus"),
-            ("etc", "et cetera"),
+            ("esq", "esquire"), ("ltd", "limited"), ("col", "colonel"), ("ft", "fort"),
+            ("etc", "et cetera"), ("btw", "by the way"),
         ]
     ]
-    _comma_number = re.compile(r"(\d{1,3}(?:,\d{3})+)(?=\D|$)")
-    _currency = re.compile(r"([$£€])\s?(\d+(?:\.\d+)?)")
-    _percent = re.compile(r"(\d+(?:\.\d+)?)\s?%")
-    _fraction = re.compile(r"\b(\d+)/(\d+)\b")
-    _decimal = re.compile(r"(\d+)\.(\d+)")
-    _ordinal = re.compile(r"\b(\d+)(st|nd|rd|th)\b", re.IGNORECASE)
-    _number = re.compile(r"\d+")
-    _currency_names = {"$": ("dollar", "dollars", "cent", "cents"), "£": ("pound", "pounds", "penny", "pence"),
-                       "€": ("euro", "euros", "cent", "cents")}
+    _comma_number = re.compile(r"([0-9][0-9,]+[0-9])")
+    _pounds = re.compile(r"£([0-9,]*[0-9]+)")
+    _dollars = re.compile(r"\$([0-9.,]*[0-9]+)")
+    _fraction = re.compile(r"([0-9]+)/([0-9]+)")
+    _decimal = re.compile(r"([0-9]+\.[0-9]+)")
+    _percent = re.compile(r"([0-9.,]*[0-9]+%)")
+    _ordinal = re.compile(r"[0-9]+(st|nd|rd|th)")
+    _number = re.compile(r"[0-9]+")
 
-    @staticmethod
-    def _cardinal(m: re.Match) -> str:
-        digits = m.group(0)
-        n = int(digits)
-        if len(digits) > 1 and digits.startswith("0"):
-            return " ".join(_ONES[int(d)] for d in digits)  # "007" is read digit by digit
-        if 1000 < n < 3000 and n % 100 != 0 and not 2000 <= n < 2010:
-            # years are read in pairs: 1984 -> nineteen eighty-four; 1905 -> nineteen oh five
-            hi, lo = divmod(n, 100)
-            lo_words = number_words(lo) if lo >= 10 else "oh " + number_words(lo)
-            return f"{number_words(hi)} {lo_words}"
-        if 1000 < n < 3000 and n % 100 == 0 and n % 1000 != 0:
-            return f"{number_words(n // 100)} hundred"
-        return number_words(n)
+    def __init__(self):
+        import inflect
 
-    def _currency_repl(self, m: re.Match) -> str:
-        unit, units, sub, subs = self._currency_names[m.group(1)]
-        whole, _, frac = m.group(2).partition(".")
-        main = int(whole)
-        cents = int((frac + "00")[:2]) if frac else 0
-        parts = []
-        if main or not cents:
-            parts.append(f"{number_words(main)} {unit if main == 1 else units}")
+        self._inflect = inflect.engine()
+
+    def _words(self, n, **kwargs) -> str:
+        return self._inflect.number_to_words(n, **kwargs)
+
+    def _dollars_repl(self, m: re.Match) -> str:
+        amount = m.group(1)
+        parts = amount.split(".")
+        if len(parts) > 2:
+            return f" {amount} dollars "
+        dollars = int(parts[0]) if parts[0] else 0
+        cents = int(parts[1]) if len(parts) > 1 and parts[1] else 0
+        said = []
+        if dollars:
+            said.append(f"{dollars} {'dollar' if dollars == 1 else 'dollars'}")
         if cents:
-            parts.append(f"{number_words(cents)} {sub if cents == 1 else subs}")
-        return ", ".join(parts)
+            said.append(f"{cents} {'cent' if cents == 1 else 'cents'}")
+        # the digits are spelled out by the number rule further down
+        return f" {', '.join(said)} " if said else " zero dollars "
 
-    @staticmethod
-    def _fraction_repl(m: re.Match) -> str:
+    def _fraction_repl(self, m: re.Match) -> str:
         num, den = int(m.group(1)), int(m.group(2))
-        if den < 2:
-            return m.group(0)
         if den == 2:
             name = "half" if num == 1 else "halves"
         elif den == 4:
             name = "quarter" if num == 1 else "quarters"
         else:
-            name = ordinal_words(den) + ("" if num == 1 else "s")
-        return f"{number_words(num)} {name}"
+            name = self._inflect.ordinal(self._words(den))
+        return f" {self._words(num)} {name} "
+
+    def _number_repl(self, m: re.Match) -> str:
+        n = int(m.group(0))
+        if 1000 < n < 3000:
+            if n == 2000:
+                return " two thousand "
+            if n < 2010 and n > 2000:
+                return f" two thousand {self._words(n % 100)} "
+            if n % 100 == 0:
+                return f" {self._words(n // 100)} hundred "
+            # read in pairs like a year: 1984 -> nineteen eighty-four, 1905 -> nineteen oh five
+            return " " + self._words(n, andword="", zero="oh", group=2).replace(", ", " ") + " "
+        return f" {self._words(n, andword='')} "
 
     def normalize(self, text: str) -> str:
         for pattern, full in self._abbreviations:
             text = pattern.sub(full, text)
         text = self._comma_number.sub(lambda m: m.group(1).replace(",", ""), text)
-        text = self._currency.sub(self._currency_repl, text)
-        text = self._percent.sub(lambda m: f"{m.group(1)} percent", text)
+        text = self._pounds.sub(r"\1 pounds", text)
+        text = self._dollars.sub(self._dollars_repl, text)
         text = self._fraction.sub(self._fraction_repl, text)
-        text = self._decimal.sub(
-            lambda m: f"{number_words(int(m.group(1)))} point {' '.join(_ONES[int(d)] for d in m.group(2))}", text
-        )
-        text = self._ordinal.sub(lambda m: ordinal_words(int(m.group(1))), text)
-        return self._number.sub(self._cardinal, text)
+        text = self._decimal.sub(lambda m: m.group(1).replace(".", " point "), text)
+        text = self._percent.sub(lambda m: m.group(1).replace("%", " percent "), text)
+        text = self._ordinal.sub(lambda m: f" {self._words(m.group(0))} ", text)
+        return self._number.sub(self._number_repl, text)
 
 
 class ChineseNormalizer:

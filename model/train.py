@@ -9,7 +9,10 @@ Stages (fact sheet 5, paper 4.1 and A.1):
     ZipVoice vocabulary + 28 tokens of the dialog tokens.txt), or `finetune: true` from a
     ZipVoice-Dialog checkpoint; suffix prompt mask;
   * stereo: ZipVoice-Dialog-Stereo initialised from ZipVoice-Dialog; even batches train the mono
-    head on the downmix, odd batches the stereo head with the speaker-exclusive loss.
+    head on the downmix, odd batches the stereo head with the speaker-exclusive loss;
+  * distill: the few-step variant (`model.distill`) of the model in init_checkpoint: stage "first"
+    distils a ZipVoice-Dialog(-Stereo) teacher run with CFG, stage "second" continues from the
+    stage-1 result against an EMA of itself (the reference's two-stage Distill recipe).
 
 The experiment folder holds model.json + tokens.txt (written at the start), `checkpoint-N.pt`
 every `save_every_n` updates (everything needed to resume exactly: model, optimizer, scheduler,
@@ -63,6 +66,7 @@ from model.optim import Eden, FixedLR, ScaledAdam, grad_scale_update
 from model.tokenizer import get_tokenizer, read_tokens, write_tokens
 from model.zipformer import Regularisation
 from model.zipvoice import (
+    DISTILL_SUFFIX,
     condition_time_mask,
     condition_time_mask_suffix,
     split_stereo_training_features,
@@ -73,6 +77,7 @@ from pipeline.config import apply_overrides
 log = logging.getLogger("model.train")
 
 VARIANTS = {"monologue": "zipvoice", "dialog": "zipvoice_dialog", "stereo": "zipvoice_dialog_stereo"}
+STEREO_VARIANTS = ("zipvoice_dialog_stereo", "zipvoice_dialog_stereo" + DISTILL_SUFFIX)
 CHECKPOINT_RE = re.compile(r"^(checkpoint|epoch)-(\d+)\.pt$")
 
 
@@ -145,14 +150,22 @@ class TrainSection(_Strict):
     num_threads: int | None = Field(None, ge=1, description="torch CPU threads")
 
 
+class DistillSection(_Strict):
+    stage: Literal["first", "second"] = Field(
+        "first", description="first: model.init_checkpoint is the teacher (a non-distilled model, "
+        "run with CFG); second: it is the stage-1 result, the teacher an EMA of the student")
+    ema_decay: float = Field(0.9999, ge=0, lt=1, description="stage second: EMA teacher decay")
+
+
 class TrainConfig(_Strict):
-    stage: Literal["monologue", "dialog", "stereo"]
+    stage: Literal["monologue", "dialog", "stereo", "distill"]
     exp_dir: str
     resume: bool = Field(True, description="continue from the newest checkpoint in exp_dir")
     model: ModelSection = ModelSection()
     data: DataConfig
     optim: OptimSection = OptimSection()
     train: TrainSection = TrainSection()
+    distill: DistillSection = DistillSection()
 
 
 def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None,
@@ -307,9 +320,40 @@ def resolve_model_files(cfg: TrainConfig, resuming: bool) -> tuple[Path, Path]:
     return config, tokens
 
 
-def build_for_stage(cfg: TrainConfig, model_config: dict, token2id: dict[str, int]):
+def stage_variant(cfg: TrainConfig, ckpt: dict | None) -> str:
+    """The variant trained: fixed per stage, or for distill the *_distill form of the model in
+    init_checkpoint (or in the checkpoint resumed from)."""
+    if cfg.stage != "distill":
+        return VARIANTS[cfg.stage]
+    if ckpt is not None:
+        return detect_variant(ckpt["model"])
+    if cfg.model.init_checkpoint is None:
+        raise ValueError("stage 'distill' needs model.init_checkpoint: the teacher (distill.stage "
+                         "first) or the stage-1 result (distill.stage second)")
+    path = _model_path(cfg.model.init_checkpoint)
+    found = detect_variant(load_state_dict(path))
+    distilled = found.endswith(DISTILL_SUFFIX)
+    if cfg.distill.stage == "first" and distilled:
+        raise ValueError(f"{path}: holds a distilled model ({found}); distill stage 'first' needs "
+                         "the many-step teacher (set distill.stage=second to continue from it)")
+    if cfg.distill.stage == "second" and not distilled:
+        raise ValueError(f"{path}: holds {found}, not a distilled model; distill stage 'second' "
+                         "starts from the stage-1 result")
+    return found if distilled else found + DISTILL_SUFFIX
+
+
+def build_for_stage(cfg: TrainConfig, model_config: dict, token2id: dict[str, int],
+                    variant: str | None = None):
     reg = Regularisation(**cfg.model.regularisation)
-    return build_model(VARIANTS[cfg.stage], model_config, token2id, regularisation=reg)
+    return build_model(variant or VARIANTS[cfg.stage], model_config, token2id, regularisation=reg)
+
+
+def load_teacher(cfg: TrainConfig, model_config: dict, token2id: dict[str, int], variant: str):
+    """Distill stage 'first': the fixed many-step model of init_checkpoint, loaded strictly."""
+    path = _model_path(cfg.model.init_checkpoint)
+    teacher = build_model(variant.removesuffix(DISTILL_SUFFIX), model_config, token2id)
+    teacher.load_state_dict(load_state_dict(path), strict=True)
+    return teacher
 
 
 def init_model(cfg: TrainConfig, model) -> str:
@@ -321,6 +365,17 @@ def init_model(cfg: TrainConfig, model) -> str:
         raise ValueError(f"stage {stage!r} needs model.init_checkpoint: training a dialog model from "
                          "random weights gives unintelligible speech (paper 4.1)")
     path = _model_path(m.init_checkpoint)
+    if stage == "distill":
+        sd = load_state_dict(path)
+        if cfg.distill.stage == "second":
+            model.load_state_dict(sd, strict=True)
+            return f"distill stage 2 from the stage-1 result {path}"
+        # The student is the teacher plus a freshly initialised guidance-scale embedding.
+        missing, unexpected = model.load_state_dict(sd, strict=False)
+        if unexpected or missing != ["fm_decoder.guidance_scale_embed.weight"]:
+            raise ValueError(f"{path}: does not fit the student (missing {missing}, "
+                             f"unexpected {unexpected})")
+        return f"distill stage 1: student = teacher {path} + guidance-scale embedding"
     if stage == "monologue" or m.finetune:
         sd = load_state_dict(path)
         found, want = detect_variant(sd), VARIANTS[stage]
@@ -436,10 +491,15 @@ def training_step(model, optimizer, scaler, tokens: list[list[int]], features: t
 
 @torch.no_grad()
 def compute_validation_loss(model, stage: str, loader, device: torch.device, precision: str,
-                            se_loss_weight: float, seed: int = 0) -> dict:
+                            se_loss_weight: float, seed: int = 0, stereo: bool | None = None) -> dict:
     """Frame-weighted loss over the dev batches with t_b = b / B and fixed noise and prompt masks
     (from a private generator: validation never touches the training RNG). Stereo runs validate
-    the stereo path."""
+    the stereo path. Distill runs (model = the DistillObjective) draw t, the step sizes and w
+    from the same private generator."""
+    stereo = stage == "stereo" if stereo is None else stereo
+    distill = stage == "distill"
+    suffix_mask = stage != "monologue" if not distill else \
+        getattr(model.student, "spk_embed", None) is not None
     was_training = model.training
     model.eval()
     g = torch.Generator().manual_seed(seed)
@@ -447,20 +507,26 @@ def compute_validation_loss(model, stage: str, loader, device: torch.device, pre
     se_sum = 0.0
     for batch in loader:
         feats = batch["features"]
-        if stage == "stereo":
+        if stereo:
             feats = feats[..., :200]
         B, T, _ = feats.shape
         lens = batch["features_lens"]
         t = torch.arange(B, dtype=torch.float32) / B
         noise = torch.randn(feats.shape, generator=g)
-        if stage == "monologue":
-            mask = condition_time_mask(lens, model.speech_mask_percent, T, generator=g)
+        percent = (model.student if distill else model).speech_mask_percent
+        if suffix_mask:
+            mask = condition_time_mask_suffix(lens, percent, T, generator=g)
         else:
-            mask = condition_time_mask_suffix(lens, model.speech_mask_percent, T, generator=g)
-        kwargs = {"se_loss_weight": se_loss_weight} if stage == "stereo" else {}
+            mask = condition_time_mask(lens, percent, T, generator=g)
+        if distill:
+            kwargs = {"generator": g}
+        else:
+            kwargs = {"t": t.to(device)}
+            if stage == "stereo":
+                kwargs["se_loss_weight"] = se_loss_weight
         with autocast(device, precision):
             out = model(batch["tokens"], feats.to(device), lens.to(device), condition_drop_ratio=0.0,
-                        t=t.to(device), noise=noise.to(device), speech_mask=mask.to(device), **kwargs)
+                        noise=noise.to(device), speech_mask=mask.to(device), **kwargs)
         frames = float(out["num_frames"])
         sums += torch.tensor([float(out["loss"]) * frames, float(out["fm_loss"]) * frames, frames],
                              dtype=torch.float64)
@@ -593,9 +659,12 @@ def _train(cfg, env, device, exp, ckpt, resume_path, logs, stop_after) -> TrainR
     config_file, token_file = resolve_model_files(cfg, resuming=ckpt is not None)
     model_config = read_model_config(config_file)
     token2id = read_tokens(token_file)
-    tokenizer = get_tokenizer(cfg.model.tokenizer or ("emilia" if stage == "monologue" else "dialog"),
+    variant = stage_variant(cfg, ckpt)
+    stereo = variant in STEREO_VARIANTS
+    monologue = variant.removesuffix(DISTILL_SUFFIX) == "zipvoice"
+    tokenizer = get_tokenizer(cfg.model.tokenizer or ("emilia" if monologue else "dialog"),
                               token_file)
-    model = build_for_stage(cfg, model_config, token2id)
+    model = build_for_stage(cfg, model_config, token2id, variant)
     if ckpt is not None:
         model.load_state_dict(ckpt["model"], strict=True)
         how = f"resumed from {resume_path} (update {ckpt['batch_idx_train']})"
@@ -603,15 +672,28 @@ def _train(cfg, env, device, exp, ckpt, resume_path, logs, stop_after) -> TrainR
         how = init_model(cfg, model)
     model.set_attention_backend(cfg.model.attention_backend)
     model.to(device).train()
+    objective = model  # what a training step calls: the model itself, or student + teacher
+    if stage == "distill":
+        from model.distill import DistillObjective
+
+        if cfg.distill.stage == "first":
+            teacher = load_teacher(cfg, model_config, token2id, variant)
+            objective = DistillObjective(model, teacher, "first")
+        else:
+            objective = DistillObjective.with_ema_teacher(model, cfg.distill.ema_decay)
+            if ckpt is not None and ckpt.get("model_ema") is not None:
+                objective.teacher.load_state_dict(ckpt["model_ema"], strict=True)
+        objective.teacher.set_attention_backend(cfg.model.attention_backend)
+        objective.to(device).train()
     if env.is_main:
         write_model_files(exp, model, token2id)
-        log.info("stage %s, %s model with %d parameters, vocab %d: %s", stage, VARIANTS[stage],
+        log.info("stage %s, %s model with %d parameters, vocab %d: %s", stage, variant,
                  sum(p.numel() for p in model.parameters()), model.vocab_size, how)
         log.info("device %s, world size %d, precision %s", device, env.world_size, tc.precision)
 
     # ---- data
-    train_split, dev_split = load_datasets(cfg.data, require_dialog=stage != "monologue",
-                                           channels=2 if stage == "stereo" else 1)
+    train_split, dev_split = load_datasets(cfg.data, require_dialog=not monologue,
+                                           channels=2 if stereo else 1)
     if env.is_main:
         log.info("train: %s", describe(train_split))
         log.info("dev: %d utterances, %.2f h", len(dev_split.utts), dev_split.hours)
@@ -662,11 +744,11 @@ def _train(cfg, env, device, exp, ckpt, resume_path, logs, stop_after) -> TrainR
                         len(states), env.world_size)
             seed_everything(rank_seed(tc.seed, epoch, env.rank) + batch_idx_train)
 
-    ddp_model = model
+    ddp_model = objective
     if env.world_size > 1:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
-        ddp_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
+        ddp_model = DDP(objective, device_ids=[device.index] if device.type == "cuda" else None,
                         find_unused_parameters=True)
 
     valid_every = tc.valid_every_n or tc.save_every_n
@@ -686,7 +768,9 @@ def _train(cfg, env, device, exp, ckpt, resume_path, logs, stop_after) -> TrainR
                            "world_size": env.world_size},
                "rng": rng, "model_avg": model_avg, "batch_idx_train": batch_idx_train,
                "epoch": epoch, "average_period": tc.average_period, "stage": stage,
-               "variant": VARIANTS[stage], "config": cfg.model_dump(mode="json")}
+               "variant": variant, "config": cfg.model_dump(mode="json")}
+        if stage == "distill" and cfg.distill.stage == "second":
+            obj["model_ema"] = model_state_dict(objective.teacher)
         _atomic_save(obj, path)
         _atomic_save({"model": obj["model"]}, exp / "model.pt")
         for _, old in list_checkpoints(exp)[: -tc.keep_last_k]:
@@ -696,9 +780,9 @@ def _train(cfg, env, device, exp, ckpt, resume_path, logs, stop_after) -> TrainR
     def run_validation() -> None:
         if not dev_split.utts:
             return
-        res = _reduce_validation(compute_validation_loss(model, stage, dev_loader, device,
+        res = _reduce_validation(compute_validation_loss(objective, stage, dev_loader, device,
                                                          tc.precision, tc.se_loss_weight,
-                                                         seed=tc.seed), env)
+                                                         seed=tc.seed, stereo=stereo), env)
         valid[batch_idx_train] = res["loss"]
         if env.is_main:
             log.info("validation at update %d: loss %.5f (fm %.5f%s) over %d frames",
@@ -731,11 +815,14 @@ def _train(cfg, env, device, exp, ckpt, resume_path, logs, stop_after) -> TrainR
             scheduler.step_batch(batch_idx_train)
             if oc.scheduler == "eden" and oc.lr_hours > 0:
                 scheduler.step_epoch(batch_idx_train * max_hours_per_update)
-            feats = step_features(stage, batch["features"], batch_idx_train - 1)
+            feats = step_features("stereo" if stereo else stage, batch["features"],
+                                  batch_idx_train - 1)
             kwargs = {"se_loss_weight": tc.se_loss_weight} if stage == "stereo" else {}
             out = training_step(ddp_model, optimizer, scaler, batch["tokens"], feats,
                                 batch["features_lens"], device=device, precision=tc.precision,
                                 condition_drop_ratio=tc.condition_drop_ratio, **kwargs)
+            if objective is not model:
+                objective.update_teacher()
             position += 1
             loss_value = float(out["loss"])
             if not math.isfinite(loss_value):

@@ -39,14 +39,47 @@ from torch import Tensor, nn
 # --------------------------------------------------------------------------------------------
 
 
+def _swoosh(x: Tensor, shift: float, offset: float) -> Tensor:
+    return torch.logaddexp(x.new_zeros(()), x - shift) - 0.08 * x - offset
+
+
+class _SwooshFunction(torch.autograd.Function):
+    """softplus(z - shift) - 0.08 z - offset with a hand-written backward.
+
+    Autograd through the plain expression keeps four full-size intermediates per call and runs
+    the logaddexp backward; the activations sit on the widest tensors of every layer (the
+    feedforward hidden units), so the training step spends noticeably less time and memory
+    saving only the input and computing sigmoid(z - shift) - 0.08 in the backward. The forward
+    values are those of the plain expression, bit for bit.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, shift: float, offset: float) -> Tensor:
+        ctx.save_for_backward(x)
+        ctx.shift = shift
+        return _swoosh(x, shift, offset)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        (x,) = ctx.saved_tensors
+        d = (x - ctx.shift).sigmoid_().sub_(0.08)
+        return d.mul_(grad), None, None
+
+
+def _swoosh_op(x: Tensor, shift: float, offset: float) -> Tensor:
+    if x.requires_grad and torch.is_grad_enabled():
+        return _SwooshFunction.apply(x, shift, offset)
+    return _swoosh(x, shift, offset)
+
+
 def swoosh_l(x: Tensor) -> Tensor:
     """SwooshL(z) = softplus(z - 4) - 0.08 z - 0.035 (logaddexp is the exact softplus)."""
-    return torch.logaddexp(x.new_zeros(()), x - 4.0) - 0.08 * x - 0.035
+    return _swoosh_op(x, 4.0, 0.035)
 
 
 def swoosh_r(x: Tensor) -> Tensor:
     """SwooshR(z) = softplus(z - 1) - 0.08 z - 0.313261687."""
-    return torch.logaddexp(x.new_zeros(()), x - 1.0) - 0.08 * x - 0.313261687
+    return _swoosh_op(x, 1.0, 0.313261687)
 
 
 class SwooshR(nn.Module):
@@ -88,9 +121,10 @@ class ActivationDropoutAndLinear(nn.Module):
         # (T, B, C). float32 island: the activation is computed in float32 and cast back.
         x = self.activation(x.float()).to(x.dtype)
         if self.training and dropout_p > 0.0:
-            # One mask per (sequence, channel), shared over time (dim 0), as in the reference.
-            keep = torch.rand_like(x[:1]) >= dropout_p
-            x = x * keep / (1.0 - dropout_p)
+            # One mask per (sequence, channel), shared over time (dim 0), as in the reference;
+            # the 1/(1-p) rescaling is folded into the small mask: one full-size multiply.
+            keep = (torch.rand_like(x[:1]) >= dropout_p).to(x.dtype) / (1.0 - dropout_p)
+            x = x * keep
         return F.linear(x, self.weight, self.bias)
 
 
@@ -560,7 +594,8 @@ class TTSZipformer(nn.Module):
                  cnn_module_kernel=9, encoder_dim: int = 192, feedforward_dim: int = 512,
                  num_heads: int = 4, query_head_dim: int = 32, pos_head_dim: int = 4,
                  value_head_dim: int = 12, pos_dim: int = 48, time_embed_dim: int | None = None,
-                 reg: Regularisation | None = None, use_sdpa: bool = False):
+                 reg: Regularisation | None = None, use_sdpa: bool = False,
+                 guidance_scale_embed: bool = False):
         super().__init__()
         downsampling_factor = tuple(downsampling_factor)
         n = len(downsampling_factor)
@@ -591,33 +626,57 @@ class TTSZipformer(nn.Module):
                 nn.Linear(time_embed_dim, time_embed_dim * 2), SwooshR(),
                 nn.Linear(time_embed_dim * 2, time_embed_dim),
             )
+        if guidance_scale_embed:
+            # Distill variants: the guidance scale is an input, embedded like t and added to the
+            # time sinusoid before `time_embed` (fact sheet 3.4).
+            if time_embed_dim is None:
+                raise ValueError("a guidance-scale embedding needs a time embedding")
+            self.guidance_scale_embed = scaled_linear(time_embed_dim, time_embed_dim, bias=False,
+                                                      initial_scale=0.1)
         self.out_proj = nn.Linear(encoder_dim, out_dim)
 
-    def embed_time(self, t: Tensor, batch_size: int, dtype: torch.dtype) -> Tensor:
-        """t: scalar, (B,) or (B, 1, 1) in [0, 1] -> (B, time_embed_dim) after `time_embed`."""
-        t = torch.as_tensor(t).reshape(-1)
-        if t.numel() == 1:
-            t = t.expand(batch_size)
-        emb = timestep_embedding(t, self.time_embed_dim).to(dtype)
-        return self.time_embed(emb)
+    @property
+    def has_guidance_scale_embed(self) -> bool:
+        return hasattr(self, "guidance_scale_embed")
 
-    def run_stacks(self, x: Tensor, t: Tensor | None, padding_mask: Tensor | None) -> Tensor:
+    def embed_time(self, t: Tensor, batch_size: int, dtype: torch.dtype,
+                   guidance_scale: Tensor | float | None = None) -> Tensor:
+        """t (and w): scalar, (B,) or (B, 1, 1) -> (B, time_embed_dim) after `time_embed`."""
+        def per_utterance(v) -> Tensor:
+            v = torch.as_tensor(v).reshape(-1)
+            return v.expand(batch_size) if v.numel() == 1 else v
+
+        emb = timestep_embedding(per_utterance(t), self.time_embed_dim)
+        if self.has_guidance_scale_embed:
+            if guidance_scale is None:
+                raise ValueError("this decoder is a distilled one: pass the guidance scale")
+            w = per_utterance(guidance_scale).to(emb.device)
+            emb = emb + self.guidance_scale_embed(
+                timestep_embedding(w, self.time_embed_dim).to(self.guidance_scale_embed.weight.dtype)
+            ).float()
+        elif guidance_scale is not None:
+            raise ValueError("this decoder has no guidance-scale embedding (use CFG instead)")
+        return self.time_embed(emb.to(dtype))
+
+    def run_stacks(self, x: Tensor, t: Tensor | None, padding_mask: Tensor | None,
+                   guidance_scale: Tensor | float | None = None) -> Tensor:
         """x: (B, T, C) after in_proj -> (B, T, C) before out_proj."""
         time_emb = None
         if self.time_embed_dim is not None:
             if t is None:
                 raise ValueError("this TTSZipformer has a time embedding: pass t")
             time_emb = self.embed_time(t.to(x.device) if torch.is_tensor(t) else t,
-                                       x.shape[0], x.dtype)
+                                       x.shape[0], x.dtype, guidance_scale)
         x = x.transpose(0, 1)  # (T, B, C)
         for stack in self.encoders:
             x = stack(x, time_emb, padding_mask, self.use_sdpa)
         return x.transpose(0, 1)
 
-    def forward(self, x: Tensor, t: Tensor | None = None,
-                padding_mask: Tensor | None = None) -> Tensor:
-        """x: (B, T, in_dim); t: scalar/(B,) time (decoder only); padding_mask: (B, T) True = pad."""
-        return self.out_proj(self.run_stacks(self.in_proj(x), t, padding_mask))
+    def forward(self, x: Tensor, t: Tensor | None = None, padding_mask: Tensor | None = None,
+                guidance_scale: Tensor | float | None = None) -> Tensor:
+        """x: (B, T, in_dim); t: scalar/(B,) time (decoder only); padding_mask: (B, T) True = pad;
+        guidance_scale: scalar/(B,), only for a decoder with a guidance-scale embedding."""
+        return self.out_proj(self.run_stacks(self.in_proj(x), t, padding_mask, guidance_scale))
 
 
 class TTSZipformerTwoStream(TTSZipformer):
@@ -634,9 +693,10 @@ class TTSZipformerTwoStream(TTSZipformer):
         self.in_proj = nn.ModuleList([nn.Linear(d, encoder_dim) for d in in_dim])
         self.out_proj = nn.ModuleList([nn.Linear(encoder_dim, d) for d in out_dim])
 
-    def forward(self, x: Tensor, t: Tensor | None = None,
-                padding_mask: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, t: Tensor | None = None, padding_mask: Tensor | None = None,
+                guidance_scale: Tensor | float | None = None) -> Tensor:
         head = 0 if x.shape[-1] == self.in_dims[0] else 1
         if x.shape[-1] != self.in_dims[head]:
             raise ValueError(f"input width {x.shape[-1]} matches no head {self.in_dims}")
-        return self.out_proj[head](self.run_stacks(self.in_proj[head](x), t, padding_mask))
+        return self.out_proj[head](self.run_stacks(self.in_proj[head](x), t, padding_mask,
+                                                   guidance_scale))

@@ -172,6 +172,8 @@ class ZipVoice(nn.Module):
     """Text embedding -> text encoder (100-dim) -> average upsampling -> flow-matching decoder."""
 
     speech_mask_percent = (0.7, 1.0)
+    # Distilled variants take the guidance scale as a decoder input instead of running CFG.
+    distilled = False
 
     def __init__(
         self,
@@ -238,7 +240,7 @@ class ZipVoice(nn.Module):
             num_encoder_layers=tuple(fm_decoder_num_layers),
             cnn_module_kernel=tuple(fm_decoder_cnn_module_kernel), encoder_dim=fm_decoder_dim,
             feedforward_dim=fm_decoder_feedforward_dim, num_heads=fm_decoder_num_heads,
-            time_embed_dim=time_embed_dim, **heads,
+            time_embed_dim=time_embed_dim, guidance_scale_embed=self.distilled, **heads,
         )
 
     def _make_fm_decoder(self, **kwargs) -> TTSZipformer:
@@ -278,17 +280,21 @@ class ZipVoice(nn.Module):
     # ---- decoder ---------------------------------------------------------------------------
 
     def forward_fm_decoder(self, t: Tensor | float, xt: Tensor, text_condition: Tensor,
-                           speech_condition: Tensor, padding_mask: Tensor | None) -> Tensor:
-        """Velocity from the input [x_t, text_condition, speech_condition] (feature axis)."""
+                           speech_condition: Tensor, padding_mask: Tensor | None,
+                           guidance_scale: Tensor | float | None = None) -> Tensor:
+        """Velocity from the input [x_t, text_condition, speech_condition] (feature axis).
+
+        guidance_scale (scalar or (B,)) only for distilled models, which embed it."""
         x = torch.cat([xt, text_condition.to(xt.dtype), speech_condition.to(xt.dtype)], dim=-1)
         if not torch.is_tensor(t):
             t = torch.tensor(t, dtype=torch.float32, device=xt.device)
-        return self.fm_decoder(x, t, padding_mask)
+        return self.fm_decoder(x, t, padding_mask, guidance_scale)
 
     # ---- training --------------------------------------------------------------------------
 
-    def speech_condition_mask(self, features_lens: Tensor, num_frames: int) -> Tensor:
-        return condition_time_mask(features_lens, self.speech_mask_percent, num_frames)
+    def speech_condition_mask(self, features_lens: Tensor, num_frames: int,
+                              generator: torch.Generator | None = None) -> Tensor:
+        return condition_time_mask(features_lens, self.speech_mask_percent, num_frames, generator)
 
     def forward(self, tokens: list[list[int]], features: Tensor, features_lens: Tensor, *,
                 condition_drop_ratio: float = 0.2, t: Tensor | None = None,
@@ -346,8 +352,10 @@ class ZipVoiceDialog(ZipVoice):
         not_pad = (tokens_padded != self.pad_id).unsqueeze(-1).to(text_out.dtype)
         return text_out + self.spk_embed(rows).to(text_out.dtype) * not_pad
 
-    def speech_condition_mask(self, features_lens: Tensor, num_frames: int) -> Tensor:
-        return condition_time_mask_suffix(features_lens, self.speech_mask_percent, num_frames)
+    def speech_condition_mask(self, features_lens: Tensor, num_frames: int,
+                              generator: torch.Generator | None = None) -> Tensor:
+        return condition_time_mask_suffix(features_lens, self.speech_mask_percent, num_frames,
+                                          generator)
 
 
 class ZipVoiceDialogStereo(ZipVoiceDialog):
@@ -397,11 +405,34 @@ def split_stereo_training_features(features: Tensor, batch_idx: int,
     return features[..., 2 * feat_dim:] if batch_idx % 2 == 0 else features[..., : 2 * feat_dim]
 
 
+class ZipVoiceDistill(ZipVoice):
+    """ZipVoice-Distill (the reference's few-step monologue model): loads its official weights."""
+
+    distilled = True
+
+
+class ZipVoiceDialogDistill(ZipVoiceDialog):
+    """ZipVoice-Dialog-Distill: the dialog model with `fm_decoder.guidance_scale_embed` (192x192,
+    no bias); sampled in 4-8 Euler steps without the CFG double pass."""
+
+    distilled = True
+
+
+class ZipVoiceDialogStereoDistill(ZipVoiceDialogStereo):
+    """ZipVoice-Dialog-Stereo with the guidance-scale embedding (shared by both heads)."""
+
+    distilled = True
+
+
 MODEL_CLASSES = {
     "zipvoice": ZipVoice,
     "zipvoice_dialog": ZipVoiceDialog,
     "zipvoice_dialog_stereo": ZipVoiceDialogStereo,
+    "zipvoice_distill": ZipVoiceDistill,
+    "zipvoice_dialog_distill": ZipVoiceDialogDistill,
+    "zipvoice_dialog_stereo_distill": ZipVoiceDialogStereoDistill,
 }
+DISTILL_SUFFIX = "_distill"
 
 
 def num_parameters(model: nn.Module) -> int:

@@ -42,17 +42,20 @@ def probe(model, width=300, seed=0):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(2, 20, width, generator=g)
     mask = torch.arange(20)[None] >= torch.tensor([[20], [14]])
+    w = torch.tensor([1.5, 3.0]) if model.distilled else None
     with torch.no_grad():
-        v = model.fm_decoder(x, torch.tensor([0.3, 0.8]), mask)
+        v = model.fm_decoder(x, torch.tensor([0.3, 0.8]), mask, w)
         s1 = V0 if model.vocab_size > V0 else 1  # [S1] for dialog tables
         txt, _ = model.forward_text_embed([[s1, 3, 4, s1 + 1, 5], [s1, 6]])
     return v, txt
 
 
-@pytest.mark.parametrize("variant", ["zipvoice", "zipvoice_dialog", "zipvoice_dialog_stereo"])
+@pytest.mark.parametrize("variant", ["zipvoice", "zipvoice_dialog", "zipvoice_dialog_stereo",
+                                     "zipvoice_distill", "zipvoice_dialog_distill",
+                                     "zipvoice_dialog_stereo_distill"])
 @pytest.mark.parametrize("filename", ["model.pt", "model.safetensors"])
 def test_round_trip_official_format(tmp_path, variant, filename):
-    tokens = mono_tokens() if variant == "zipvoice" else dialog_tokens()
+    tokens = dialog_tokens() if variant.startswith("zipvoice_dialog") else mono_tokens()
     torch.manual_seed(0)
     model = build_model(variant, TINY, tokens).eval()
     save_model(model, tmp_path, tokens, filename=filename)
@@ -70,9 +73,10 @@ def test_round_trip_official_format(tmp_path, variant, filename):
     assert not loaded.model.training
     sd0, sd1 = model.state_dict(), loaded.model.state_dict()
     assert sd0.keys() == sd1.keys() and all(torch.equal(sd0[k], sd1[k]) for k in sd0)
-    if variant != "zipvoice":
+    if variant.startswith("zipvoice_dialog"):
         assert (loaded.model.spk_a_id, loaded.model.spk_b_id) == (V0, V0 + 1)
-    width = 500 if variant.endswith("stereo") else 300
+    assert loaded.model.distilled == variant.endswith("_distill")
+    width = 500 if "stereo" in variant else 300
     a, b = probe(model, width), probe(loaded.model, width)
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
 
@@ -87,14 +91,16 @@ def test_load_strips_ddp_prefix_and_accepts_a_file_path(tmp_path):
     assert torch.equal(loaded.model.spk_embed.weight, model.spk_embed.weight)
 
 
-def test_variant_detection_and_distill_refused():
+def test_variant_detection():
     sd = {"embed.weight": 0, "fm_decoder.in_proj.weight": 0}
     assert detect_variant(sd) == "zipvoice"
     assert detect_variant({**sd, "spk_embed.weight": 0}) == "zipvoice_dialog"
-    assert detect_variant({"embed.weight": 0, "spk_embed.weight": 0,
-                           "fm_decoder.in_proj.0.weight": 0}) == "zipvoice_dialog_stereo"
-    with pytest.raises(ValueError, match="Distill"):
-        detect_variant({**sd, "fm_decoder.guidance_scale_embed.weight": 0})
+    stereo = {"embed.weight": 0, "spk_embed.weight": 0, "fm_decoder.in_proj.0.weight": 0}
+    assert detect_variant(stereo) == "zipvoice_dialog_stereo"
+    gs = {"fm_decoder.guidance_scale_embed.weight": 0}
+    assert detect_variant({**sd, **gs}) == "zipvoice_distill"  # the reference's ZipVoice-Distill
+    assert detect_variant({**sd, "spk_embed.weight": 0, **gs}) == "zipvoice_dialog_distill"
+    assert detect_variant({**stereo, **gs}) == "zipvoice_dialog_stereo_distill"
     with pytest.raises(ValueError, match="not a ZipVoice"):
         detect_variant({"foo": 0})
 

@@ -120,3 +120,40 @@ def test_load_audio_wav_flac_mp4_and_errors(tmp_path):
     bad.write_bytes(b"RIFF\x00\x00garbage-not-audio" * 10)
     with pytest.raises(ValueError, match="broken.wav"):
         load_audio(bad)
+
+
+@pytest.mark.parametrize("orig_sr", [8000, 16000, 22050, 44100, 48000])
+def test_resampling_is_the_references_torchaudio_resampler(tmp_path, orig_sr):
+    from torchaudio.transforms import Resample
+
+    from model.features import resample_sinc
+
+    rng = np.random.default_rng(orig_sr)
+    n = orig_sr // 3 + 7  # a length that does not divide evenly
+    x = (0.3 * rng.standard_normal((2, n)) + np.stack([_tone(n, orig_sr, 300), _tone(n, orig_sr, 3500)])
+         ).astype(np.float32)
+    expected = Resample(orig_freq=orig_sr, new_freq=24000)(torch.from_numpy(x)).numpy()
+    got = resample_sinc(x, orig_sr, 24000)
+    assert got.shape == expected.shape == (2, -(-n * 24000 // orig_sr))
+    np.testing.assert_array_equal(got, expected)  # same filters, same float32 convolution
+    mono = Resample(orig_freq=orig_sr, new_freq=24000)(torch.from_numpy(x[0]))
+    np.testing.assert_array_equal(resample_sinc(x[0], orig_sr, 24000), mono.numpy())
+    # files and the feature extractor go through it
+    sf.write(tmp_path / "p.wav", x.T, orig_sr, subtype="FLOAT")
+    np.testing.assert_array_equal(load_audio(tmp_path / "p.wav", 24000, mono=False), expected)
+    torch.testing.assert_close(VocosFbank().extract(x[0], orig_sr), VocosFbank().extract(mono, 24000),
+                               rtol=0, atol=0)
+
+
+def test_sinc_and_soxr_resampling_differ_above_the_source_band():
+    """Why the resampler matters: above 8 kHz a 16 kHz prompt has only what each filter leaks."""
+    rng = np.random.default_rng(0)
+    x = (0.3 * rng.standard_normal(16000)).astype(np.float32)
+    from model.features import resample, resample_sinc
+
+    sinc = VocosFbank().extract(resample_sinc(x, 16000, 24000), 24000)
+    soxr = VocosFbank().extract(resample(x, 16000, 24000), 24000)
+    high = mel_filterbank().argmax(0) > 8000 * 1024 // 24000  # mel bins centred above 8 kHz
+    low = mel_filterbank().argmax(0) < 7000 * 1024 // 24000
+    assert (sinc[:, high] - soxr[:, high]).abs().mean() > 1.0
+    assert (sinc[:, low] - soxr[:, low]).abs().mean() < 0.05

@@ -96,8 +96,32 @@ def test_duration_rule():
     assert predict_num_frames(100, 20, 30) == 150
     assert predict_num_frames(100, 20, 30, speed=1.5) == 100
     assert predict_num_frames(100, 30, 10) == 34  # ceil(33.3)
+    # float32 semantics of the reference's int64 tensor division (float64 gives 48 and 55)
+    assert predict_num_frames(16, 7, 21) == 49
+    assert predict_num_frames(18, 7, 21) == 54
     with pytest.raises(ValueError, match="no tokens"):
         predict_num_frames(100, 0, 10)
+
+
+def _reference_frames(p, n_prompt, n_target, speed):
+    """The reference's expression on int64 tensors, written out here independently."""
+    return torch.ceil((torch.tensor([p]) / torch.tensor([n_prompt]) * torch.tensor([n_target])
+                       / speed)).to(dtype=torch.int64).item()
+
+
+def test_duration_rule_matches_int64_tensor_division_on_a_grid():
+    cases = [(p, n_p, n_t, s) for p in range(1, 400, 7) for n_p in range(1, 60, 4)
+             for n_t in (1, 5, 21, 50, 133) for s in (1.0, 0.8, 1.3)]
+    ours = [predict_num_frames(*c) for c in cases]
+    assert ours == [_reference_frames(*c) for c in cases]
+    # the grid holds cases where float64 lands on the other side of a whole number
+    f64 = [math.ceil(p / n_p * n_t / s) for p, n_p, n_t, s in cases]
+    assert sum(a != b for a, b in zip(ours, f64)) > 0
+    # the batched form gives the same frames
+    p, n_p, n_t, _ = map(list, zip(*[c for c in cases if c[3] == 1.3]))
+    batched = predict_num_frames(torch.tensor(p), torch.tensor(n_p), torch.tensor(n_t), 1.3)
+    assert batched.dtype == torch.int64
+    assert batched.tolist() == [o for o, c in zip(ours, cases) if c[3] == 1.3]
 
 
 def test_sample_cuts_the_prompt_and_follows_the_duration_rule():

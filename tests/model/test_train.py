@@ -52,7 +52,7 @@ def tiny_config(setup, exp: Path, **sections) -> dict:
     raw["data"]["train"] = [{"name": "tiny", "manifest": str(setup["manifest"])}]
     for name, values in sections.items():
         if isinstance(values, dict):
-            raw[name].update(values)
+            raw.setdefault(name, {}).update(values)
         else:
             raw[name] = values
     return raw
@@ -136,6 +136,104 @@ def test_infer_cli_on_the_trained_folder(dialog_runs, setup, tmp_path):
            "--prompt-wav", str(setup["manifest"].parent / first["path"]), "--prompt-text", first["text"],
            "--text", "[S1] Good morning. [S2] Hello, how are you?", "--out", str(out),
            "--num-step", "2", "--device", "cpu"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    wave, sr = sf.read(out)
+    assert sr == 24000 and wave.ndim == 1 and len(wave) > 2400 and np.isfinite(wave).all()
+
+
+# --------------------------------------------------------------------------------------------
+# Distill (ZipVoice-Dialog-Distill, two stages)
+# --------------------------------------------------------------------------------------------
+
+D1_STEPS, D2_STEPS = 12, 4
+
+
+def _gap_inputs(setup, token_file):
+    """Three dev dialogues: the first 1.6 s as prompt, the rest of the text as the target."""
+    from model.features import FEAT_SCALE, VocosFbank, load_audio
+    from model.tokenizer import get_tokenizer
+
+    tok = get_tokenizer("dialog", token_file)
+    prompts, prompt_tokens, tokens, frames = [], [], [], []
+    for line in setup["manifest"].read_text().splitlines()[:3]:
+        item = json.loads(line)
+        feats = VocosFbank().extract(load_audio(setup["manifest"].parent / item["path"]), 24000)
+        prompts.append(feats[:150] * FEAT_SCALE)
+        ids = tok.texts_to_token_ids([item["text"]])[0]
+        prompt_tokens.append(ids[: len(ids) // 2])
+        tokens.append(ids[len(ids) // 2:])
+        frames.append(feats.shape[0] - 150)
+    return tokens, prompt_tokens, torch.stack(prompts), torch.tensor([150] * 3), frames
+
+
+@pytest.fixture(scope="module")
+def distill_runs(dialog_runs, setup):
+    """Stage 1 from the trained dialog folder (CFG teacher), stage 2 from the stage-1 folder
+    (EMA teacher); the 4-step gap to the teacher's 16-step output before and after each."""
+    from model.distill import few_step_gap
+
+    root = setup["root"] / "distill"
+    teacher_dir = dialog_runs["A"].exp_dir
+    teacher = load_model(teacher_dir).model
+    inputs = _gap_inputs(setup, teacher_dir / "tokens.txt")
+    student = build_model("zipvoice_dialog_distill", read_model_config(teacher_dir / "model.json"),
+                          read_tokens(teacher_dir / "tokens.txt"))
+    student.load_state_dict(teacher.state_dict(), strict=False)
+    gaps = {"init": few_step_gap(student.eval(), teacher, *inputs)}
+    runs = {}
+    for stage, init, steps, lr in (("first", teacher_dir, D1_STEPS, 0.05),
+                                   ("second", root / "first", D2_STEPS, 0.01)):
+        raw = tiny_config(setup, root / stage, stage="distill",
+                          model={"init_checkpoint": str(init), "token_file": None, "config": None},
+                          optim={"lr": lr},
+                          train={"num_iters": steps, "save_every_n": steps // 2,
+                                 "valid_every_n": steps // 2, "export_avg": 0},
+                          distill={"stage": stage, "ema_decay": 0.9})
+        raw["data"]["max_duration"] = 8.0
+        runs[stage] = train(load_config(raw=raw))
+        gaps[stage] = few_step_gap(load_model(root / stage).model, teacher, *inputs)
+    return {"runs": runs, "gaps": gaps, "root": root, "teacher": teacher_dir}
+
+
+def test_distilled_few_step_output_approaches_the_teacher(distill_runs):
+    gaps = distill_runs["gaps"]
+    # 4 steps without CFG vs the teacher's 16 CFG steps: the gap shrinks with training
+    assert gaps["first"] < 0.6 * gaps["init"], gaps
+    assert gaps["second"] < 0.6 * gaps["init"], gaps
+    first, second = distill_runs["runs"]["first"], distill_runs["runs"]["second"]
+    assert sorted(first.losses) == list(range(1, D1_STEPS + 1)) and len(first.valid) == 2
+    # stage 2 starts from stage 1's weights and its EMA teacher travels in the checkpoint
+    ckpt = torch.load(second.exp_dir / f"checkpoint-{D2_STEPS}.pt", weights_only=True)
+    assert ckpt["variant"] == "zipvoice_dialog_distill" and ckpt["stage"] == "distill"
+    assert set(ckpt["model_ema"]) == set(ckpt["model"])
+    assert not torch.equal(ckpt["model_ema"]["fm_decoder.guidance_scale_embed.weight"],
+                           ckpt["model"]["fm_decoder.guidance_scale_embed.weight"])
+    log_text = (first.exp_dir / "log" / "train.log").read_text()
+    assert "distill stage 1: student = teacher" in log_text
+
+
+def test_distill_stage_checks_its_init_checkpoint(distill_runs, setup, tmp_path):
+    wrong = [("first", distill_runs["root"] / "first", "distill.stage=second"),
+             ("second", distill_runs["teacher"], "not a distilled model")]
+    for stage, init, message in wrong:
+        raw = tiny_config(setup, tmp_path / stage, stage="distill", distill={"stage": stage},
+                          model={"init_checkpoint": str(init), "token_file": None, "config": None})
+        with pytest.raises(ValueError, match=message):
+            train(load_config(raw=raw))
+
+
+def test_infer_cli_on_the_distilled_folder(distill_runs, setup, tmp_path):
+    exp = distill_runs["runs"]["second"].exp_dir
+    loaded = load_model(exp)
+    assert loaded.variant == "zipvoice_dialog_distill"
+    first = json.loads(setup["manifest"].read_text().splitlines()[2])
+    out = tmp_path / "gen.wav"
+    cmd = [sys.executable, "-m", "model.infer", "--checkpoint", str(exp), "--vocoder", "griffin-lim",
+           "--prompt-wav", str(setup["manifest"].parent / first["path"]), "--prompt-text", first["text"],
+           "--text", "[S1] Good morning. [S2] Hello, how are you?", "--out", str(out),
+           "--num-step", "4", "--device", "cpu"]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -300,7 +398,7 @@ def test_config_errors_name_the_key(tmp_path, setup):
     cfg = load_config(raw=tiny_config(setup, tmp_path / "x"),
                       overrides=["train.num_iters=7", "optim.scheduler=eden", "data.max_len=60"])
     assert (cfg.train.num_iters, cfg.optim.scheduler, cfg.data.max_len) == (7, "eden", 60.0)
-    for name in ("train_dialog", "train_stereo", "train_monologue", "train_tiny"):
+    for name in ("train_dialog", "train_stereo", "train_monologue", "train_tiny", "train_distill"):
         load_config(REPO / "configs" / f"{name}.yaml")  # every shipped config validates
 
 

@@ -114,6 +114,22 @@ CASES = [
 ]
 
 
+def test_distill_is_zipvoice_plus_the_guidance_scale_embedding():
+    """ZipVoice-Distill: 122,701,668 parameters (fact sheet 3); the dialog variants gain the same
+    (192, 192) bias-free `fm_decoder.guidance_scale_embed.weight`."""
+    from model.zipvoice import ZipVoiceDialogDistill, ZipVoiceDistill
+
+    key = "fm_decoder.guidance_scale_embed.weight"
+    for cls, base, vocab, kw, n_params in (
+            (ZipVoiceDistill, ZipVoice, V_ZIPVOICE, {}, 122_701_668),
+            (ZipVoiceDialogDistill, ZipVoiceDialog, V_DIALOG, {"spk_a_id": 360, "spk_b_id": 361},
+             122_670_380 + 192 * 192)):
+        got = {k: tuple(v.shape) for k, v in build_meta(cls, vocab, **kw).state_dict().items()}
+        plain = {k: tuple(v.shape) for k, v in build_meta(base, vocab, **kw).state_dict().items()}
+        assert got == {**plain, key: (192, 192)}
+        assert sum(torch.Size(s).numel() for s in got.values()) == n_params
+
+
 @pytest.mark.parametrize("variant,cls,vocab,n_keys,n_params,kw", CASES, ids=[c[0] for c in CASES])
 def test_state_dict_matches_reference_layout(variant, cls, vocab, n_keys, n_params, kw):
     expected = expected_shapes(variant, vocab)
