@@ -44,6 +44,7 @@ import resource
 import shutil
 import sys
 import tempfile
+import threading
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -91,7 +92,7 @@ class Sizes:
     repeats: int  # timed runs of each generation setting (the best counts)
 
 
-GPU = Sizes(long_s=600, diar_s=600, asr_items=64, item_s=10, whisperd_items=48, whisperd_item_s=20, llm_rows=64,
+GPU = Sizes(long_s=300, diar_s=600, asr_items=64, item_s=10, whisperd_items=48, whisperd_item_s=20, llm_rows=64,
             dnsmos_s=600, e2e_files=10, e2e_file_s=60, whisper="large-v3", whisperd="large-v2", pyannote="full",
             lm="qwen2.5-0.5b", vllm_lm="qwen2.5-7b", zipvoice="base", gen_target_s=10, train_batch=50,
             train_utt_s=10, train_steps=3, repeats=3)
@@ -108,7 +109,7 @@ FIGURES = {
     "whisperd": ["rtf", "audio_h_per_gpu_h", "audio_s"],
     "llm": ["s_per_recording", "audio_h_per_gpu_h"],
     "dnsmos": ["rtf", "audio_h_per_gpu_h", "audio_s"],
-    "pipeline": ["wall_s", "audio_s", "audio_h_per_gpu_h", "kept_segments", "gpu_per_worker", "gpu_stages",
+    "pipeline": ["wall_s", "audio_s", "audio_h_per_gpu_h", "kept_segments", "gpu_in_use_peak", "gpu_stages",
                  *[f"{s}.{k}" for s in ("diarization", "asr", "classification", "segments")
                    for k in ("rtf", "audio_h_per_worker_h")]],
     "zipvoice": ["rtf_16_bf16", "rtf_16_fp16", "parameters"],
@@ -255,8 +256,11 @@ def build_whisperd(run: Run, size: str) -> str:
     tok.add_tokens(["[S1]", "[S2]"])
     model = WhisperForConditionalGeneration.from_pretrained(path, local_files_only=True)
     model.resize_token_embeddings(len(tok))
-    allowed = {tok.convert_tokens_to_ids(t) for t in ["[S1]", "[S2]", "Ġthe", "Ġan", "Ġin", "<|endoftext|>"]}
+    s1 = tok.convert_tokens_to_ids("[S1]")
+    allowed = {tok.convert_tokens_to_ids(t) for t in ["[S1]", "[S2]", "Ġthe", "Ġan", "Ġin"]}
+    # No end-of-text: every piece decodes its whole token budget, as a trained model does on speech.
     model.generation_config.suppress_tokens = [i for i in range(len(tok)) if i not in allowed]
+    model.generation_config.begin_suppress_tokens = [i for i in range(len(tok)) if i != s1]
     model.save_pretrained(path)
     processor.save_pretrained(path)
     return str(path)
@@ -274,7 +278,7 @@ def build_lm(run: Run, size: str, rig: str | None = None, weights: bool = True) 
     path = run.work / f"lm-{size}{'-' + rig if rig else ''}{'' if weights else '-config'}"
     if path.exists():
         return str(path)
-    build_tiny_lm(path, [system_prompt("json"), system_prompt("label"), *TRANSCRIPT_WORDS.split()], rig=rig)
+    build_tiny_lm(path, [system_prompt("json"), system_prompt("label"), " ".join(TRANSCRIPT_WORDS)] * 20, rig=rig)
     if size != "test":
         hidden, layers, heads, kv, ffn, vocab = QWEN_DIMS[size]
         cfg = Qwen2Config.from_pretrained(path)
@@ -448,15 +452,15 @@ def e2e_config(run: Run, out: Path, logical_gpu: bool) -> dict:
     st["diarization"]["pyannote"]["model"] = str(
         __import__("pipeline.backends.diarization.pyannote", fromlist=["x"]).write_random_pipeline(
             run.work / f"pyannote-{s.pyannote}", size=s.pyannote))
-    st["asr"].update(language_id="fixed", language="en", languages=["en"], backends={"en": "whisper"})
+    st["asr"].update(language_id="fixed", language="en", languages=["en"], backends={"en": "whisper", "default": "whisper"})
     st["asr"]["whisper"] = {"model": build_whisper(run, s.whisper), "batch_size": 16, "fp16": True,
-                            "max_new_tokens": 90}
+                            "max_new_tokens": token_cap(30.0 if run.cuda else s.item_s)}
     st["asr"].pop("funasr", None)
     st["classification"].update(backend="transformers", prefilter=False)
     st["classification"].pop("vllm", None)
     st["classification"]["transformers"] = {"model": build_lm(run, "test", rig="yes")}
     st["segments"]["whisperd"].update(models={"en": build_whisperd(run, s.whisperd)}, processor=None,
-                                      max_new_tokens=96)
+                                      max_new_tokens=token_cap(30.0 if run.cuda else s.item_s))
     st["rules"] = {r: {"enabled": False} for r in
                    ("turns", "script", "word_count", "repetition", "word_length", "hallucination", "agreement")}
     st["quality"]["min_ovrl"] = 1.0
@@ -483,14 +487,25 @@ def section_pipeline(run: Run) -> None:
     cfg = parse_config(e2e_config(run, out, logical_gpu=not run.cuda))
     if ray.is_initialized():
         ray.shutdown()
-    with timed(run) as t:
-        res = run_pipeline(cfg, src)
-    gpu_stages = {}
-    for a in ray.util.state.list_actors(detail=True, limit=1000):
-        req = a.required_resources or {}
-        if req.get("GPU"):
-            gpu_stages.setdefault(a.name or a.class_name, req["GPU"])
-    ray.shutdown()
+    # How much GPU the stages hold at once, sampled while the pipeline runs.
+    peak, done = [0.0], threading.Event()
+
+    def watch():
+        while not done.wait(0.2):
+            if ray.is_initialized():
+                with contextlib.suppress(Exception):
+                    total = ray.cluster_resources().get("GPU", 0.0)
+                    peak[0] = max(peak[0], total - ray.available_resources().get("GPU", 0.0))
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    try:
+        with timed(run) as t:
+            res = run_pipeline(cfg, src)
+    finally:
+        done.set()
+        watcher.join()
+        ray.shutdown()
     ledger = res.ledger.to_pylist()
     kept = sum(r["kept_segments"] or 0 for r in ledger)
     if not all(r["status"] == "kept" for r in ledger):
@@ -498,18 +513,17 @@ def section_pipeline(run: Run) -> None:
                            + "; ".join(f"{r['recording_id']} {r['status']} at {r['stage']}: {r['reason']}"
                                        for r in ledger if r["status"] != "kept"))
     costs = {c["stage"]: c for c in report.stage_costs(res.output)}
-    gpus = set(gpu_stages.values())
     audio_s = s.e2e_files * s.e2e_file_s
     figs = dict(wall_s=t[0], audio_s=audio_s, audio_h_per_gpu_h=audio_s / t[0], kept_segments=kept,
-                gpu_per_worker=max(gpus) if gpus else 0.0, gpu_stages=len(gpu_stages))
+                gpu_in_use_peak=peak[0], gpu_stages=sum(spec.resources.num_gpus > 0 for spec in cfg.stages))
     for name in ("diarization", "asr", "classification", "segments"):
         c = costs[name]
         figs[f"{name}.rtf"] = c["rtf"]
         figs[f"{name}.audio_h_per_worker_h"] = c["audio_hours_per_worker_hour"]
     run.put("pipeline", **figs)
     run.info["pipeline"] = (f"{s.e2e_files} generated dialogues x {s.e2e_file_s:g} s through all nine stages on "
-                            f"{'one GPU' if run.cuda else 'one logical GPU (CPU)'}; GPU actor requests "
-                            f"{sorted(gpu_stages.items())}; wall time includes Ray start and model loading")
+                            f"{'one GPU' if run.cuda else 'one logical GPU (CPU)'}; wall time includes Ray "
+                            "start and model loading")
 
 
 def _zipvoice(run: Run, variant: str):
@@ -656,7 +670,8 @@ def run_check(run: Run, only: list[str] | None = None) -> None:
             run.not_measured[name] = f"failed: {type(e).__name__}: {str(e)[:400]}"
             say(f"{name} FAILED:\n{traceback.format_exc(limit=6)}")
         else:
-            say(f"{name}: {time.perf_counter() - t0:.1f} s")
+            if not why:
+                say(f"{name}: {time.perf_counter() - t0:.1f} s")
         free(run)
     if not only:
         recipe(run)
@@ -713,6 +728,8 @@ def main(argv: list[str] | None = None) -> int:
         say("CUDA is not available: running at GPU sizes on the CPU would take hours; use --dry-run")
         return 2
     sizes = DRY if args.dry_run else GPU
+    if args.dry_run:  # tiny models: a second intra-op thread only adds spin-waits on a shared machine
+        torch.set_num_threads(1)
     args.out.mkdir(parents=True, exist_ok=True)
     budget = args.budget or (600.0 if args.dry_run else 450.0)
     with tempfile.TemporaryDirectory(prefix="gpu_check_") as tmp:
