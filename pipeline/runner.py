@@ -400,9 +400,9 @@ def _gpu_scale(cfg: PipelineConfig, local: bool) -> float:
     if scale == 0:
         _say(f"local Ray has no GPU but the stages ask for {need:g}: GPU stages run on the CPU")
     else:
-        _say(f"local Ray has {total:g} GPUs but the stages need {need:g} at once: GPU requests scaled by "
-             f"{scale:.3f}, the GPU stages share the GPU{'s' if total > 1 else ''} (mind their memory: "
-             f"e.g. vllm.gpu_memory_utilization)")
+        gpus = "GPU" if total == 1 else "GPUs"
+        _say(f"local Ray has {total:g} {gpus} but the stages need {need:g} at once: GPU requests scaled by "
+             f"{scale:.3f}, the GPU stages share the {gpus} (mind their memory: e.g. vllm.gpu_memory_utilization)")
     return scale
 
 

@@ -638,16 +638,19 @@ def TextPrompt(**kw):
 }
 
 
-@pytest.fixture
-def fake_vllm(tmp_path, monkeypatch):
-    root = tmp_path / "fake_vllm"
+def install_fake_vllm(root: Path, monkeypatch) -> Path:
     for name, text in FAKE_VLLM.items():
         (root / "vllm" / name).parent.mkdir(parents=True, exist_ok=True)
         (root / "vllm" / name).write_text(text)
     monkeypatch.syspath_prepend(str(root))
     for mod in [m for m in sys.modules if m == "vllm" or m.startswith("vllm.")]:
         monkeypatch.delitem(sys.modules, mod)
-    yield root
+    return root
+
+
+@pytest.fixture
+def fake_vllm(tmp_path, monkeypatch):
+    yield install_fake_vllm(tmp_path / "fake_vllm", monkeypatch)
     for mod in [m for m in sys.modules if m == "vllm" or m.startswith("vllm.")]:
         del sys.modules[mod]
 
@@ -694,16 +697,17 @@ def test_ray_llm_backend_through_rays_engine_stage(tmp_path, tiny_lm, fake_vllm,
 
 
 def test_ray_llm_backend_needs_vllm_and_a_gpu(tmp_path, tiny_lm, monkeypatch):
-    from pipeline.backends.llm.ray_llm import RayLlmClassifier
-    from pipeline.backends.llm.vllm import VllmConfig
-
-    monkeypatch.setitem(sys.modules, "vllm", None)
+    monkeypatch.setitem(sys.modules, "vllm", None)  # import fails as on a machine without vLLM
     with pytest.raises(RuntimeError, match=r"pip install '\.\[vllm\]' on a GPU node"):
         stage(tmp_path, backend="ray-llm", resources={"num_gpus": 1})
-    monkeypatch.delitem(sys.modules, "vllm")
-    monkeypatch.setattr("importlib.util.find_spec", lambda name, *a: object())
+    install_fake_vllm(tmp_path / "fake_vllm", monkeypatch)
+    config = ClassificationConfig.model_validate(
+        {"backend": "ray-llm", "resources": {"num_gpus": 1}, "vllm": {"model": str(tiny_lm)}})
+    # A worker with a GPU share but no CUDA (a logical GPU on a CPU machine) never starts vLLM.
     with pytest.raises(RuntimeError, match="needs a GPU"):
-        RayLlmClassifier(VllmConfig(model=str(tiny_lm)), device="cpu")
+        ClassificationStage(config, StageContext("classification", tmp_path, num_gpus=0.25))
+    for mod in [m for m in sys.modules if m == "vllm" or m.startswith("vllm.")]:
+        del sys.modules[mod]
     raw = {"run": {"output": str(tmp_path)}, "stages": {"classification": {"backend": "ray-llm"}}}
     with pytest.raises(ConfigError, match="backend ray-llm needs resources.num_gpus"):
         parse_config(raw)

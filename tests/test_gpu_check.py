@@ -62,7 +62,7 @@ def test_paper_layout_runs_on_one_gpu(dry_run):
     through all nine stages. The stages ran their models on the CPU (the GPU is only logical)."""
     rc, result, stdout, log = dry_run
     figures = result["figures"]
-    assert "local Ray has 1 GPUs but the stages need 4 at once: GPU requests scaled by 0.250" in log
+    assert "local Ray has 1 GPU but the stages need 4 at once: GPU requests scaled by 0.250" in log
     # the four quarter-GPU pools were placed at once (their minimum workers live for the whole run)
     assert figures["pipeline.gpu_stages"] == 4 and figures["pipeline.gpu_in_use_peak"] == pytest.approx(1.0)
     assert figures["pipeline.kept_segments"] >= gpu_check.DRY.e2e_files
