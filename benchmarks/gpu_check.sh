@@ -28,7 +28,9 @@ PACKAGES=(
   pyannote.audio pyannote.core pyannote.database pyannote.pipeline pyannote.metrics pyannoteai-sdk
   asteroid-filterbanks pytorch-metric-learning torch-audiomentations julius torch-pitch-shift primepy
   optuna alembic sqlalchemy colorlog mako
-  opentelemetry-api opentelemetry-sdk opentelemetry-semantic-conventions
+  opentelemetry-api opentelemetry-sdk opentelemetry-semantic-conventions opentelemetry-proto
+  opentelemetry-exporter-otlp-proto-http opentelemetry-exporter-otlp-proto-common
+  opentelemetry-exporter-http-transport opentelemetry-exporter-otlp-common googleapis-common-protos
 )
 
 prepare() {
