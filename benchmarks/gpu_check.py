@@ -257,8 +257,8 @@ def build_whisperd(run: Run, size: str) -> str:
     model = WhisperForConditionalGeneration.from_pretrained(path, local_files_only=True)
     model.resize_token_embeddings(len(tok))
     s1 = tok.convert_tokens_to_ids("[S1]")
-    allowed = {tok.convert_tokens_to_ids(t) for t in ["[S1]", "[S2]", "Ġthe", "Ġan", "Ġin"]}
-    # No end-of-text: every piece decodes its whole token budget, as a trained model does on speech.
+    allowed = {tok.convert_tokens_to_ids(t) for t in ["[S1]", "[S2]", "Ġthe", "Ġan", "Ġin", "<|endoftext|>"]}
+    # End-of-text stays allowed: the backend decodes again when a window never ends.
     model.generation_config.suppress_tokens = [i for i in range(len(tok)) if i not in allowed]
     model.generation_config.begin_suppress_tokens = [i for i in range(len(tok)) if i != s1]
     model.save_pretrained(path)
