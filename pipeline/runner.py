@@ -515,12 +515,15 @@ def _build(rows: list[dict], cfg: PipelineConfig, output: Path, local: bool, ver
     step = max(1, -(-len(rows) // 1000))
     ds = ray.data.from_arrow([table.slice(i, step) for i in range(0, len(rows), step)])
     n = len(cfg.stages)
-    scale = _cpu_scale(cfg, local)
+    scale, gpu_scale = _cpu_scale(cfg, local), _gpu_scale(cfg, local)
     for i, spec in enumerate(cfg.stages):
         res = spec.resources
-        if scale < 1:
+        if scale < 1 or (gpu_scale < 1 and res.num_gpus):
             # Round down: a sum of requests just above the total would never be scheduled.
-            res = res.model_copy(update={"num_cpus": math.floor(res.num_cpus * scale * 1000) / 1000})
+            gpus = math.floor(res.num_gpus * gpu_scale * 1000) / 1000
+            res = res.model_copy(update={"num_cpus": math.floor(res.num_cpus * scale * 1000) / 1000,
+                                         # Ray takes fractions only below one GPU.
+                                         "num_gpus": gpus if gpus <= 1 else float(math.floor(gpus))})
             spec = StageSpec(spec.name, spec.cls, spec.config, res, spec.fingerprint)
         w = _WorkerSpec(spec, i, cfg.stages[i - 1] if i else None, output, i == n - 1)
         common = dict(batch_size=res.batch_size, batch_format="pyarrow", num_cpus=res.num_cpus, zero_copy_batch=False)
@@ -570,6 +573,33 @@ def _cpu_scale(cfg: PipelineConfig, local: bool) -> float:
         return 1.0
     scale = total / need
     _say(f"local Ray has {total:g} CPUs but the stages need {need:g} at once: CPU requests scaled by {scale:.2f}")
+    return scale
+
+
+def _gpu_scale(cfg: PipelineConfig, local: bool) -> float:
+    """The same for GPUs: on a local Ray with fewer GPUs than the GPU stages' minimum workers ask
+    for (the paper's layout keeps four GPU pools of >= 1 worker; a workstation has one GPU), each
+    GPU worker gets a fraction of a GPU and the stages share it; with no GPU at all they run on
+    the CPU. A cluster keeps the requests as written."""
+    import ray
+
+    if not local:
+        return 1.0
+    total = float(ray.cluster_resources().get("GPU", 0.0))
+    need = 0.0
+    for spec in cfg.stages:
+        r = spec.resources
+        workers = r.concurrency if isinstance(r.concurrency, int) else r.concurrency[0]
+        need += r.num_gpus * (workers if spec.cls.stateful else 1)
+    if need <= total:
+        return 1.0
+    scale = total / need
+    if scale == 0:
+        _say(f"local Ray has no GPU but the stages ask for {need:g}: GPU stages run on the CPU")
+    else:
+        gpus = "GPU" if total == 1 else "GPUs"
+        _say(f"local Ray has {total:g} {gpus} but the stages need {need:g} at once: GPU requests scaled by "
+             f"{scale:.3f}, the GPU stages share the {gpus} (mind their memory: e.g. vllm.gpu_memory_utilization)")
     return scale
 
 

@@ -543,3 +543,171 @@ def test_stage_in_the_pipeline(tmp_path, ray_local):
         assert json.loads(row["answer"])["detected_speakers"] == d["num_speakers"]
         if row["status"] == "rejected":
             assert row["reason"] == f"not_dialogue: {expect.reason}" and ledger[name]["stage"] == "classification"
+
+
+# ----------------------------------------------------------------------------- ray-llm backend (Ray's engine, fake vLLM)
+
+# vLLM cannot run on this CPU: this package stands in for it under its own name, with the few
+# classes Ray's vLLM engine wrapper (ray.llm) uses. Everything above it is real: ray.data.llm's
+# builder and config, the processor's engine stage UDF, Ray's request building (sampling params,
+# structured outputs) and output handling. The fake engine answers from answers.json in the model
+# directory (first key found in the decoded prompt) and logs every request to requests.jsonl there.
+FAKE_VLLM = {
+    "__init__.py": '''
+import asyncio, json
+from pathlib import Path
+from types import SimpleNamespace
+from vllm import inputs, outputs, sampling_params
+from vllm.sampling_params import SamplingParams
+__version__ = "0.0-fake"
+
+class AsyncEngineArgs:
+    def __init__(self, model, **kwargs):
+        self.model, self.kwargs = model, kwargs
+    def create_engine_config(self):
+        return SimpleNamespace(scheduler_config=SimpleNamespace(max_num_seqs=8),
+                               parallel_config=SimpleNamespace(pipeline_parallel_size=1))
+
+class AsyncLLMEngine:
+    def __init__(self, args):
+        from transformers import AutoTokenizer
+        self.dir = Path(args.model)
+        self.args = args
+        self.tokenizer = AutoTokenizer.from_pretrained(args.model, local_files_only=True)
+        self.answers = json.loads((self.dir / "answers.json").read_text())
+    @classmethod
+    def from_engine_args(cls, args, stat_loggers=None):
+        return cls(args)
+    async def generate(self, request_id, prompt, sampling_params, lora_request=None):
+        ids = list(prompt["prompt_token_ids"])
+        text = self.tokenizer.decode(ids)
+        so = sampling_params.structured_outputs
+        with open(self.dir / "requests.jsonl", "a") as f:
+            f.write(json.dumps({"prompt": text, "engine": self.args.kwargs, "temperature": sampling_params.temperature,
+                                "max_tokens": sampling_params.max_tokens, "json": so.json if so else None}) + "\\n")
+        key = next(k for k in self.answers if k in text)
+        if self.answers[key] == "RAISE":
+            raise RuntimeError("engine failure on this prompt")
+        await asyncio.sleep(0)
+        out = outputs.CompletionOutput(text=self.answers[key], token_ids=[1, 2])
+        yield outputs.RequestOutput(request_id=request_id, prompt=None, prompt_token_ids=ids, outputs=[out],
+                                    finished=True)
+    async def do_log_stats(self):
+        pass
+    def shutdown(self):
+        pass
+''',
+    "sampling_params.py": '''
+class StructuredOutputsParams:
+    def __init__(self, json=None, **other):
+        self.json, self.other = json, other
+
+class SamplingParams:
+    def __init__(self, temperature=1.0, max_tokens=16, structured_outputs=None, **other):
+        self.temperature, self.max_tokens, self.structured_outputs, self.other = temperature, max_tokens, structured_outputs, other
+''',
+    "outputs.py": '''
+from dataclasses import dataclass, field
+
+@dataclass
+class CompletionOutput:
+    text: str
+    token_ids: list
+    logprobs: object = None
+
+@dataclass
+class RequestOutput:
+    request_id: str
+    prompt: object
+    prompt_token_ids: list
+    outputs: list
+    finished: bool
+    metrics: object = None
+    prompt_logprobs: object = None
+
+class PoolingRequestOutput:
+    pass
+''',
+    "inputs/__init__.py": '''
+def TokensPrompt(**kw):
+    return dict(kw)
+
+def TextPrompt(**kw):
+    return dict(kw)
+''',
+}
+
+
+def install_fake_vllm(root: Path, monkeypatch) -> Path:
+    for name, text in FAKE_VLLM.items():
+        (root / "vllm" / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / "vllm" / name).write_text(text)
+    monkeypatch.syspath_prepend(str(root))
+    for mod in [m for m in sys.modules if m == "vllm" or m.startswith("vllm.")]:
+        monkeypatch.delitem(sys.modules, mod)
+    return root
+
+
+@pytest.fixture
+def fake_vllm(tmp_path, monkeypatch):
+    yield install_fake_vllm(tmp_path / "fake_vllm", monkeypatch)
+    for mod in [m for m in sys.modules if m == "vllm" or m.startswith("vllm.")]:
+        del sys.modules[mod]
+
+
+def test_ray_llm_backend_through_rays_engine_stage(tmp_path, tiny_lm, fake_vllm, recordings, ray_local):
+    import shutil
+
+    from pipeline.backends.llm.ray_llm import RayLlmClassifier
+    from pipeline.backends.llm.vllm import VllmConfig
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_lm, model)
+    answers = {"KEEP": '{"dialogue": true, "confidence": 0.9}', "DROP": '{"dialogue": false, "confidence": 0.8}',
+               "CUT": '{"dialogue": tr', "BOOM": "RAISE"}
+    (model / "answers.json").write_text(json.dumps(answers))
+    clf = RayLlmClassifier(VllmConfig(model=str(model), max_model_len=1024, max_tokens=40),
+                           PromptConfig(max_chars=20000), device="cuda", batch_size=8)
+    rows = [two_speaker_row(k.lower(), [f"{k} this one.", "Okay, sounds good.", "Great."]) for k in answers]
+    rows.append(two_speaker_row("long", ["KEEP " + "word " * 3000, "fine"]))
+    rows.append(dict(recordings["monologue"][0]))
+    cfg = {"backend": "ray-llm", "resources": {"num_gpus": 1}}
+    out = stage(tmp_path, clf, **cfg).process([dict(r) for r in rows])
+    by = {o["recording_id"]: o for o in out}
+    assert [o["recording_id"] for o in out] == [r["recording_id"] for r in rows]
+    assert by["keep"]["status"] == "ok" and by["keep"]["dialogue_score"] == pytest.approx(0.9)
+    assert by["keep"]["backend"] == "ray-llm" and by["keep"]["prompt_version"] == "dialogue-v1-json"
+    assert by["drop"]["status"] == "rejected" and by["drop"]["reason"] == "not_dialogue: llm answered no (score 0.20)"
+    assert by["cut"]["status"] == "failed" and by["cut"]["reason"].startswith("unparsable LLM answer:")
+    # The engine failing on one prompt fails that recording only.
+    assert by["boom"]["status"] == "failed" and "engine failure on this prompt" in by["boom"]["reason"]
+    assert by["long"]["status"] == "failed" and "max_model_len" in by["long"]["reason"]
+    assert by[recordings["monologue"][0]["recording_id"]]["backend"] == "heuristic"  # the prefilter decided
+    # What reached the engine: our template and neutralised transcript as token ids, greedy, the
+    # answer schema as vLLM structured outputs, the vllm section's engine settings.
+    sent = [json.loads(line) for line in (model / "requests.jsonl").read_text().splitlines()]
+    assert len(sent) == len(answers)
+    assert all(s["temperature"] == 0 and s["max_tokens"] == 40 and s["json"] == ANSWER_SCHEMA for s in sent)
+    assert all(s["prompt"].startswith("<|im_start|>system\n" + system_prompt("json")) for s in sent)
+    assert sent[0]["engine"]["max_model_len"] == 1024 and sent[0]["engine"]["distributed_executor_backend"] == "uni"
+    # A second batch reuses the loaded engine (one model load per worker).
+    engine = clf.engine
+    again = clf.classify([two_speaker_row("k2", ["KEEP it", "yes", "ok"])])
+    assert clf.engine is engine and again[0].score == pytest.approx(0.9)
+
+
+def test_ray_llm_backend_needs_vllm_and_a_gpu(tmp_path, tiny_lm, monkeypatch):
+    monkeypatch.setitem(sys.modules, "vllm", None)  # import fails as on a machine without vLLM
+    with pytest.raises(RuntimeError, match=r"pip install '\.\[vllm\]' on a GPU node"):
+        stage(tmp_path, backend="ray-llm", resources={"num_gpus": 1})
+    install_fake_vllm(tmp_path / "fake_vllm", monkeypatch)
+    config = ClassificationConfig.model_validate(
+        {"backend": "ray-llm", "resources": {"num_gpus": 1}, "vllm": {"model": str(tiny_lm)}})
+    # A worker with a GPU share but no CUDA (a logical GPU on a CPU machine) never starts vLLM.
+    with pytest.raises(RuntimeError, match="needs a GPU"):
+        ClassificationStage(config, StageContext("classification", tmp_path, num_gpus=0.25))
+    for mod in [m for m in sys.modules if m == "vllm" or m.startswith("vllm.")]:
+        del sys.modules[mod]
+    raw = {"run": {"output": str(tmp_path)}, "stages": {"classification": {"backend": "ray-llm"}}}
+    with pytest.raises(ConfigError, match="backend ray-llm needs resources.num_gpus"):
+        parse_config(raw)

@@ -31,7 +31,8 @@ MAX_ANSWER_CHARS = 500
 
 
 class ClassificationConfig(StageConfig):
-    backend: Literal["heuristic", "transformers", "vllm"] = "heuristic"
+    # ray-llm: vLLM through Ray's batch LLM engine (ray.data.llm), configured by the vllm section.
+    backend: Literal["heuristic", "transformers", "vllm", "ray-llm"] = "heuristic"
     threshold: float = Field(0.5, ge=0, le=1, description="dialogue_score that makes a dialogue")
     prefilter: bool = Field(True, description="LLM backends: reject by diarization speaker count before the LLM")
     heuristic: HeuristicConfig = HeuristicConfig()
@@ -41,10 +42,10 @@ class ClassificationConfig(StageConfig):
 
     @model_validator(mode="after")
     def _gpus(self) -> "ClassificationConfig":
-        if self.backend == "vllm":
+        if self.backend in ("vllm", "ray-llm"):
             gpus = self.resources.num_gpus if self.resources else 0
             if gpus < self.vllm.tensor_parallel_size:
-                raise ValueError(f"backend vllm needs resources.num_gpus >= vllm.tensor_parallel_size "
+                raise ValueError(f"backend {self.backend} needs resources.num_gpus >= vllm.tensor_parallel_size "
                                  f"({self.vllm.tensor_parallel_size}), got {gpus}")
         return self
 
@@ -64,7 +65,7 @@ class ClassificationStage(Stage):
         elif config.backend == "heuristic":
             self.backend = self.heuristic
         else:
-            kind_cfg = getattr(config, config.backend)
+            kind_cfg = getattr(config, "vllm" if config.backend == "ray-llm" else config.backend)
             self.backend = load_backend(config.backend, kind_cfg, config.prompt, ctx.device)
         self.is_llm = self.backend is not self.heuristic
 

@@ -109,6 +109,7 @@ BACKENDS = {
     "heuristic": "pipeline.backends.llm.heuristic:HeuristicClassifier",
     "transformers": "pipeline.backends.llm.transformers:TransformersClassifier",
     "vllm": "pipeline.backends.llm.vllm:VllmClassifier",
+    "ray-llm": "pipeline.backends.llm.ray_llm:RayLlmClassifier",
 }
 
 
