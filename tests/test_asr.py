@@ -251,6 +251,20 @@ def test_missing_models_fail_with_the_setting_to_change(tmp_path):
         load_backend("pocketsphinx", {"lm": str(tmp_path / "none.lm.bin")})
 
 
+def test_pocketsphinx_result_does_not_depend_on_earlier_clips():
+    """One decoder serves many clips: each clip must come out as it does on a fresh decoder."""
+    path = Path(__file__).resolve().parents[2] / "shared" / "realspeech" / "en_1spk_librispeech_1995-1837-0001.wav"
+    x, sr = sf.read(path, dtype="float32")
+    assert sr == 16000
+    first, second = x[: 4 * sr], x[4 * sr:]
+    fresh = load_backend("pocketsphinx", {}).transcribe([first])[0]
+    reused = load_backend("pocketsphinx", {})
+    after_other = reused.transcribe([second, first, first])
+    assert fresh.text and fresh.confidence is not None
+    assert [t.text for t in after_other[1:]] == [fresh.text] * 2
+    assert [t.confidence for t in after_other[1:]] == [fresh.confidence] * 2
+
+
 # ------------------------------------------------------------------ backends on random weights
 
 

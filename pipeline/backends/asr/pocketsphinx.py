@@ -54,6 +54,9 @@ class PocketSphinxBackend:
     def _one(self, x: np.ndarray) -> Transcript:
         pcm = (np.clip(x, -1.0, 1.0) * 32767).astype("<i2").tobytes()
         d = self.decoder
+        # The feature front end carries its cepstral-mean estimate from one utterance to the next:
+        # without a reset a clip's words and confidence would depend on the clips before it.
+        d.reinit_feat(d.config)
         d.start_utt()
         d.process_raw(pcm, full_utt=True)
         d.end_utt()
