@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from pipeline import manifests, synth
-from pipeline.config import parse_config
+from pipeline.config import ConfigError, parse_config
 from pipeline.runner import run_pipeline
 from test_asr import make_hf_whisper_dir
 
@@ -72,15 +72,23 @@ def test_whisperd_segments_in_pipeline(tmp_path, ray_local):
 def test_missing_whisperd_model_is_a_clear_failure(tmp_path, ray_local):
     src = tmp_path / "in"
     synth.write_clip(synth.synth_dialogue(32, n_turns=4), src / "d.wav", tmp_path / "d.json")
-    cfg = parse_config({
-        "run": {"output": str(tmp_path / "out"), "progress": False, "report": {"enabled": False}},
-        "stages": {"ingest": {}, "vad": {}, "diarization": {},
-                   "segments": {"method": "whisperd", "whisperd": {"models": {"en": str(tmp_path / "nowhere")}}}},
-    })
-    res = run_pipeline(cfg, src)
+
+    def config(model: str, out: str):
+        return parse_config({
+            "run": {"output": str(tmp_path / out), "progress": False, "report": {"enabled": False}},
+            "stages": {"ingest": {}, "vad": {}, "diarization": {},
+                       "segments": {"method": "whisperd", "whisperd": {"models": {"en": model}}}},
+        })
+
+    # A local path that does not exist stops the run before any work, naming the key.
+    with pytest.raises(ConfigError, match=r"stages\.segments\.whisperd\.models\.en: .*nowhere does not exist"):
+        run_pipeline(config(str(tmp_path / "nowhere"), "out_path"), src)
+    assert not (tmp_path / "out_path").exists()
+    # A hub id cannot be checked before the run: with no hub, the recording fails with the reason.
+    res = run_pipeline(config("nobody/no-such-whisperd", "out_hub"), src)
     row = manifests.read_manifest(res.output, "ledger").to_pylist()[0]
     assert row["status"] == "failed" and row["stage"] == "segments"
-    assert "not found locally" in row["reason"] and "nowhere" in row["reason"]
+    assert "not found locally" in row["reason"] and "no-such-whisperd" in row["reason"]
 
 
 @pytest.mark.parametrize("raw, expected", [
