@@ -283,3 +283,14 @@ def verdict_from_text(text: str) -> Verdict:
     except AnswerError as e:
         return Verdict(None, text, error=str(e))
     return Verdict(score, text)
+
+
+def fit_prompts(ids: list[list[int]], max_model_len: int, max_tokens: int) -> tuple[list[int], list[Verdict]]:
+    """Which prompts leave room for the answer in the model's context, and a failed verdict in
+    every place (the caller overwrites those of the prompts that ran)."""
+    limit = max_model_len - max_tokens
+    fits = [i for i, p in enumerate(ids) if len(p) <= limit]
+    out = [Verdict(None, "", error=f"prompt of {len(p)} tokens does not fit max_model_len {max_model_len} - "
+                                   f"max_tokens {max_tokens}: lower stages.classification.prompt.max_chars")
+           for p in ids]
+    return fits, out

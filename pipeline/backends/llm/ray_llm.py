@@ -27,6 +27,7 @@ from pipeline.backends.llm import (
     ANSWER_SCHEMA,
     PromptConfig,
     Verdict,
+    fit_prompts,
     prompt_token_ids,
     prompt_version,
     special_tokens_of,
@@ -122,14 +123,7 @@ class RayLlmClassifier:
 
     def classify(self, rows: list[dict]) -> list[Verdict]:
         ids = [self.prompt_ids(r) for r in rows]
-        limit = self.config.max_model_len - self.config.max_tokens
-        fits = [i for i, p in enumerate(ids) if len(p) <= limit]
-        out: list[Verdict] = [
-            Verdict(None, "", error=f"prompt of {len(p)} tokens does not fit max_model_len "
-                                    f"{self.config.max_model_len} - max_tokens {self.config.max_tokens}: "
-                                    "lower stages.classification.prompt.max_chars")
-            for p in ids
-        ]
+        fits, out = fit_prompts(ids, self.config.max_model_len, self.config.max_tokens)
         if fits:
             batch = {self._column: [engine_request(ids[i], self.config.max_tokens) for i in fits]}
             results = self._loop.run_until_complete(self._run(batch))

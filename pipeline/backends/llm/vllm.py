@@ -22,6 +22,7 @@ from pipeline.backends.llm import (
     ANSWER_SCHEMA,
     PromptConfig,
     Verdict,
+    fit_prompts,
     prompt_version,
     prompt_token_ids,
     special_tokens_of,
@@ -103,14 +104,7 @@ class VllmClassifier:
 
     def classify(self, rows: list[dict]) -> list[Verdict]:
         ids = [self.prompt_ids(r) for r in rows]
-        limit = self.config.max_model_len - self.config.max_tokens
-        fits = [i for i, p in enumerate(ids) if len(p) <= limit]
-        out: list[Verdict] = [
-            Verdict(None, "", error=f"prompt of {len(p)} tokens does not fit max_model_len "
-                                    f"{self.config.max_model_len} - max_tokens {self.config.max_tokens}: "
-                                    "lower stages.classification.prompt.max_chars")
-            for p in ids
-        ]
+        fits, out = fit_prompts(ids, self.config.max_model_len, self.config.max_tokens)
         if fits:
             # Token ids, not text: vLLM would add a second BOS to a templated prompt.
             results = self.llm.generate([{"prompt_token_ids": ids[i]} for i in fits], self.params, use_tqdm=False)
