@@ -555,6 +555,17 @@ def _retry_args_allowed():
         yield
 
 
+def _footprint(cfg: PipelineConfig, resource: str) -> float:
+    """How much of a resource the stages hold at once at their minimum worker counts (an actor pool
+    keeps its minimum alive; a task stage holds one request at a time)."""
+    need = 0.0
+    for spec in cfg.stages:
+        r = spec.resources
+        workers = r.concurrency if isinstance(r.concurrency, int) else r.concurrency[0]
+        need += getattr(r, resource) * (workers if spec.cls.stateful else 1)
+    return need
+
+
 def _cpu_scale(cfg: PipelineConfig, local: bool) -> float:
     """On a local Ray smaller than the pipeline's minimum footprint (every actor pool keeps at least
     one worker alive), shrink the CPU requests so that all stages fit instead of waiting forever;
@@ -564,11 +575,7 @@ def _cpu_scale(cfg: PipelineConfig, local: bool) -> float:
     if not local:
         return 1.0
     total = float(ray.cluster_resources().get("CPU", 1.0))
-    need = 0.0
-    for spec in cfg.stages:
-        r = spec.resources
-        workers = r.concurrency if isinstance(r.concurrency, int) else r.concurrency[0]
-        need += r.num_cpus * (workers if spec.cls.stateful else 1)
+    need = _footprint(cfg, "num_cpus")
     if need <= total:
         return 1.0
     scale = total / need
@@ -586,11 +593,7 @@ def _gpu_scale(cfg: PipelineConfig, local: bool) -> float:
     if not local:
         return 1.0
     total = float(ray.cluster_resources().get("GPU", 0.0))
-    need = 0.0
-    for spec in cfg.stages:
-        r = spec.resources
-        workers = r.concurrency if isinstance(r.concurrency, int) else r.concurrency[0]
-        need += r.num_gpus * (workers if spec.cls.stateful else 1)
+    need = _footprint(cfg, "num_gpus")
     if need <= total:
         return 1.0
     scale = total / need
