@@ -10,6 +10,7 @@ printed only with ``--debug``.
 from __future__ import annotations
 
 import argparse
+import errno
 import sys
 import traceback
 from typing import Callable
@@ -70,12 +71,30 @@ def subparsers(p: argparse.ArgumentParser, **kwargs):
 def report_error(e: BaseException, debug: bool, user_errors: tuple = ()) -> int:
     if debug:
         traceback.print_exc()
+    if _disk_full(e):
+        # Ray re-raises a worker's OSError as its own type around the original: find the file there.
+        where = getattr(e, "filename", None) or getattr(getattr(e, "cause", None), "filename", None)
+        print(f"error: no space left on device{f' writing {where}' if where else ''}: free space "
+              "(or use another --output) and run again; finished work is kept and resumes", file=sys.stderr)
+        return 2
     if isinstance(e, USER_ERRORS + tuple(user_errors)):
         print(f"error: {e}", file=sys.stderr)
         return 2
     hint = "" if debug else " (run again with --debug for the traceback)"
     print(f"error: {type(e).__name__}: {e}{hint}", file=sys.stderr)
     return 1
+
+
+def _disk_full(e: BaseException) -> bool:
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if "No space left on device" in str(e):
+            return True
+        e = getattr(e, "cause", None) or e.__cause__ or e.__context__
+    return False
 
 
 def run(body: Callable[[], int | None], debug: bool, user_errors: tuple = ()) -> int:

@@ -33,6 +33,7 @@ class ConfigError(ValueError):
 
 # BCP-47-like: "en", "zh", "yue", "en-US", "zh_Hans". Language codes become folder names.
 LANGUAGE_CODE = re.compile(r"^[A-Za-z]{2,3}([-_][A-Za-z0-9]{2,8})*$")
+LANGUAGE_KEYED = ("backends", "models")  # config mappings whose keys are language codes
 MODEL_FILES_HASHED = 200  # files of a model folder whose identity enters the fingerprint
 # Keys that name folders the pipeline writes or fills (not model inputs).
 NOT_MODEL_KEYS = ("cache_dir", "dir")
@@ -185,7 +186,23 @@ def _check_values(name: str, dump: dict) -> list[str]:
         if leaf in ("language",) or parent == "languages":
             if not LANGUAGE_CODE.match(value):
                 errors.append(f"stages.{name}.{key}: {value!r} is not a language code (e.g. 'en', 'zh', 'en-US')")
+    # Mappings keyed by language (asr.backends, segments.whisperd.models): the keys are languages too.
+    for section, sub in _language_maps(dump):
+        for lang in sub:
+            if lang != "default" and not LANGUAGE_CODE.match(str(lang)):
+                errors.append(f"stages.{name}.{section}: key {lang!r} is not a language code "
+                              "(e.g. 'en', 'zh', 'en-US') or 'default'")
     return errors
+
+
+def _language_maps(obj: Any, key: str = ""):
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            path = f"{key}.{k}" if key else str(k)
+            if k in LANGUAGE_KEYED and isinstance(v, dict):
+                yield path, v
+            else:
+                yield from _language_maps(v, path)
 
 
 def check_model_paths(cfg: "PipelineConfig") -> None:

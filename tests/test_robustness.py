@@ -249,7 +249,8 @@ def test_changed_removed_and_retried_inputs(tmp_path, ray_local):
 
 def test_config_paths_keys_and_languages(tmp_path):
     bad = [({"export": {"dir": "../../x"}}, "stages.export.dir"), ({"export": {"dir": "/tmp/x"}}, "stages.export.dir"),
-           ({"asr": {"language": "../../../X"}}, "stages.asr.language")]
+           ({"asr": {"language": "../../../X"}}, "stages.asr.language"),
+           ({"asr": {"backends": {"default": "whisper", "../x": "whisper"}}}, "stages.asr.backends: key '../x'")]
     for stages, key in bad:
         with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
             parse_config({"run": {"output": str(tmp_path)}, "stages": {"ingest": {}, **stages}})
@@ -333,3 +334,23 @@ def test_plain_text_template_delimiters_are_neutralised():
     clean = neutralise(said, special)
     assert "[INST]" not in clean and "[/INST]" not in clean and "### Response" not in clean
     assert clean.startswith("fine Yes.")
+
+
+def test_disk_full_is_one_error_line_with_exit_code_2(ray_local, capsys):
+    """/dev/full answers every write with ENOSPC, in the driver and inside a Ray worker alike."""
+    import ray
+
+    from pipeline import clitools
+
+    def fill():
+        with open("/dev/full", "w") as f:
+            f.write("x" * 10)
+
+    @ray.remote(max_retries=0)
+    def fill_in_worker():
+        fill()
+
+    for body in (fill, lambda: ray.get(fill_in_worker.remote())):
+        assert clitools.run(body, debug=False) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("error: no space left on device"), err
