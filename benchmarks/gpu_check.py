@@ -249,16 +249,22 @@ def build_whisperd(run: Run, size: str) -> str:
     if path.exists():
         return str(path)
     n_mels, width, heads, layers, vocab = WHISPER_DIMS[size]
+    n_stamps = 1501  # <|0.00|> ... <|30.00|>
     make_hf_whisper_dir(path, d_model=width, layers=layers, heads=heads, ffn=4 * width, num_mel_bins=n_mels,
-                        vocab_size=vocab, half=width >= 1024)
+                        vocab_size=vocab - n_stamps, half=width >= 1024)
     processor = WhisperProcessor.from_pretrained(path, local_files_only=True)
     tok = processor.tokenizer
+    # Real Whisper's layout: the tags come after the timestamp tokens. transformers reads any id from
+    # <|0.00|> on as a timestamp; tags right after <|notimestamps|> would read as 0.00 s and make its
+    # segment loop crawl through the window a frame at a time.
+    tok.add_tokens([f"<|{i * 0.02:.2f}|>" for i in range(n_stamps)], special_tokens=True)
     tok.add_tokens(["[S1]", "[S2]"])
     model = WhisperForConditionalGeneration.from_pretrained(path, local_files_only=True)
     model.resize_token_embeddings(len(tok))
     s1 = tok.convert_tokens_to_ids("[S1]")
-    allowed = {tok.convert_tokens_to_ids(t) for t in ["[S1]", "[S2]", "Ġthe", "Ġan", "Ġin", "<|endoftext|>"]}
-    # End-of-text stays allowed: the backend decodes again when a window never ends.
+    # No end-of-text: random weights would end right after the first tag and leave no words to keep;
+    # the decoding stops at max_new_tokens instead.
+    allowed = {tok.convert_tokens_to_ids(t) for t in ["[S1]", "[S2]", "Ġthe", "Ġan", "Ġin"]}
     model.generation_config.suppress_tokens = [i for i in range(len(tok)) if i not in allowed]
     model.generation_config.begin_suppress_tokens = [i for i in range(len(tok)) if i != s1]
     model.save_pretrained(path)
