@@ -11,7 +11,7 @@
    group holds ``min_speaker`` seconds. That ratio is the cosine between the speakers' mean
    embeddings whatever the window noise, so one threshold holds for clean synthetic voices and
    for real recordings, whose raw similarities are all higher (same room and microphone):
-   measured 0.95-1.0 for two halves of one voice, 0.60-0.70 between espeak voices, 0.66-0.91
+   measured 0.95-1.0 for two halves of one voice, 0.58-0.87 between espeak voices, 0.66-0.91
    between the people of the real recordings in ``../shared/realspeech`` and pyannote's sample.
 3. Turns: each 10 ms frame scores every speaker by the mean similarity of the windows covering it
    to the speaker's centroid; inside each speech span a Viterbi search picks the speaker
