@@ -218,6 +218,21 @@ def test_separation_is_the_cosine_of_the_group_means_whatever_the_noise():
     assert ignored > counted
 
 
+def test_count_speakers_degenerate_inputs():
+    from pipeline.backends.diarization.embedded import count_speakers
+
+    same = np.tile(np.eye(1, 256), (6, 1))  # identical windows (e.g. repeated digital silence)
+    valid = 1.0 - np.eye(6)
+    assert count_speakers(same, valid, 0.75, 1, 4, 0.91, 2.0).tolist() == [0] * 6
+    two = np.vstack([np.tile(np.eye(1, 256), (4, 1)), np.tile(np.eye(1, 256, 1), (4, 1))])
+    assert sorted(np.bincount(count_speakers(two, 1.0 - np.eye(8), 0.75, 1, 4, 0.91, 2.0))) == [4, 4]
+    # min_speakers is honoured even when the groups are not separated enough to count.
+    near = two.copy()
+    near[4:] = (two[4:] + 4 * two[:4]) / np.linalg.norm(two[4:] + 4 * two[:4], axis=1, keepdims=True)
+    assert count_speakers(near, 1.0 - np.eye(8), 0.75, 1, 4, 0.91, 2.0).max() == 0
+    assert count_speakers(near, 1.0 - np.eye(8), 0.75, 2, 4, 0.91, 2.0).max() == 1
+
+
 def _real_items() -> list[tuple[Path, int]]:
     items = []
     for wav in sorted(REAL.glob("*.wav")):

@@ -279,10 +279,16 @@ def partition(x: np.ndarray, k: int, iterations: int = 10) -> np.ndarray:
     share (channel, room, microphone), which on real recordings dominates the raw similarities
     and hides the speaker differences; it is used only to find the groups, not to count them."""
     from scipy.cluster.hierarchy import fcluster, linkage
+    from scipy.spatial.distance import squareform
 
     y = x - x.mean(0)
     y /= np.maximum(np.linalg.norm(y, axis=1, keepdims=True), 1e-10)
-    labels = fcluster(linkage(y, "average", metric="cosine"), k, "maxclust") - 1
+    # Cosine distances computed here: a window equal to the mean (all windows alike) centres to
+    # zero, where scipy's cosine metric gives NaN.
+    dist = np.clip(1.0 - y @ y.T, 0.0, 2.0)
+    np.fill_diagonal(dist, 0.0)
+    labels = fcluster(linkage(squareform(dist, checks=False), "average"), k, "maxclust") - 1
+    labels = np.unique(labels, return_inverse=True)[1]
     for _ in range(iterations):
         new = np.argmax(y @ _centroids(y, labels).T, axis=1)
         new = np.unique(new, return_inverse=True)[1]
@@ -302,7 +308,7 @@ def separation(gram: np.ndarray, valid: np.ndarray, labels: np.ndarray) -> np.nd
     onehot = np.eye(labels.max() + 1)[labels]
     sums = onehot.T @ (gram * valid) @ onehot
     pairs = onehot.T @ valid @ onehot
-    within = (np.diag(sums) + PRIOR_PAIRS * SAME_VOICE) / (np.diag(pairs) + PRIOR_PAIRS)
+    within = np.maximum((np.diag(sums) + PRIOR_PAIRS * SAME_VOICE) / (np.diag(pairs) + PRIOR_PAIRS), 1e-6)
     r = sums / np.maximum(pairs, 1) / np.sqrt(np.outer(within, within))
     np.fill_diagonal(r, -np.inf)
     return r
@@ -317,7 +323,7 @@ def _disjoint(index: list[tuple[int, int, int]], rows: np.ndarray) -> np.ndarray
 
 def _centroids(x: np.ndarray, labels: np.ndarray) -> np.ndarray:
     c = np.stack([x[labels == k].mean(0) for k in np.unique(labels)])
-    return c / np.linalg.norm(c, axis=1, keepdims=True)
+    return c / np.maximum(np.linalg.norm(c, axis=1, keepdims=True), 1e-10)
 
 
 def _runs(label: np.ndarray) -> list[list[int]]:
