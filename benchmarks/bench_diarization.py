@@ -43,7 +43,8 @@ warnings.filterwarnings("ignore")
 
 from pipeline.audio import decode_to_wav  # noqa: E402
 from pipeline.backends.diarization import diarization_error, row_fields  # noqa: E402
-from pipeline.backends.diarization.embedded import EmbeddedDiarizer, EmbeddedSettings  # noqa: E402
+from pipeline.backends.diarization.embedded import (EmbeddedDiarizer, EmbeddedSettings, _disjoint,  # noqa: E402
+                                                    partition, separation)
 from pipeline.stages.vad import SileroOnnx, VadConfig, speech_spans  # noqa: E402
 from pipeline.synth import Clip, synth_dialogue, synth_meeting, synth_monologue, write_clip  # noqa: E402
 
@@ -131,7 +132,27 @@ class Runner:
         secs = time.perf_counter() - t0
         hyp = [(t["start"], t["end"], t["speaker"]) for t in fields["turns"]]
         err = diarization_error(item["ref"], hyp, item["duration"]) if item["ref"] is not None else None
-        return dict(err=err, found=fields["num_speakers"], secs=secs, fields=fields)
+        return dict(err=err, found=fields["num_speakers"], secs=secs, fields=fields, speech=speech)
+
+    def separations(self, item: dict, speech: list, max_k: int = 4) -> str:
+        """The count decision's evidence: for K = 2..max_k, the largest separation between two of
+        the K groups and the seconds in the smallest group (K is kept while the separation is
+        below the threshold and the group holds min_speaker seconds)."""
+        d = self.diarizer
+        spans = sorted((max(0.0, a), min(item["duration"], b)) for a, b in speech)
+        emb, index = d.embed(str(item["path"]), spans)
+        size = round(d.s.window / 0.01)
+        rows = np.flatnonzero(np.array([(f1 - f0) / size for _, f0, f1 in index]) >= 0.5)
+        x = emb[rows].astype(np.float64)
+        x /= np.linalg.norm(x, axis=1, keepdims=True)
+        out = []
+        for k in range(2, min(max_k, len(x)) + 1):
+            labels = partition(x, k)
+            if labels.max() + 1 < k:
+                break
+            sep = separation(x @ x.T, _disjoint(index, rows), labels).max()
+            out.append(f"K{k} {sep:.3f}/{np.bincount(labels).min() * d.s.hop:.1f}s")
+        return " ".join(out)
 
 
 HEADER = (f"{'':34s} {'DER%':>6s} {'miss%':>6s} {'FA%':>6s} {'conf%':>6s} {'speakers':>9s} {'RTF':>7s}")
@@ -147,7 +168,8 @@ def _row(name: str, errs: list, found: str, secs: float, audio: float, extra: st
 
 
 def run_real(runner: Runner, items: list[dict]) -> None:
-    print("\nreal recordings (speakers: found/true)")
+    print(f"\nreal recordings (speakers: found/true; threshold {runner.diarizer.s.threshold}, "
+          f"min_speaker {runner.diarizer.s.min_speaker} s)")
     print(HEADER)
     right, two = 0, []
     for it in items:
@@ -157,7 +179,8 @@ def run_real(runner: Runner, items: list[dict]) -> None:
             two.append(r["err"]["der"])
         ov = r["fields"]["overlap_ratio"]
         print(_row(it["name"][:34], [r["err"]] if r["err"] else [], f"{r['found']}/{it['speakers']}",
-                   r["secs"], it["duration"], f"overlap ratio {ov:.2f}"))
+                   r["secs"], it["duration"], f"overlap ratio {ov:.2f}; separation/smallest group: "
+                   + runner.separations(it, r["speech"])))
     print(f"speaker count right on {right}/{len(items)} real recordings; "
           f"mean DER on real 2-speaker recordings with a reference: "
           + (f"{100 * np.mean(two):.2f}% ({len(two)} files)" if two else "none"))
