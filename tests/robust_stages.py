@@ -25,7 +25,6 @@ class ToneConfig(StageConfig):
 class ToneSegments(Stage):
     Config = ToneConfig
     manifest = "segments"
-    stateful = False
     default_resources = Resources(num_cpus=0.5, batch_size=4, concurrency=1)
 
     def process(self, rows):
@@ -51,7 +50,6 @@ class CrashConfig(StageConfig):
 class CrashTask(Stage):
     Config = CrashConfig
     manifest = "recordings"
-    stateful = False
     default_resources = Resources(num_cpus=0.5, batch_size=4, concurrency=1)
 
     def process(self, rows):
@@ -63,4 +61,5 @@ class CrashTask(Stage):
 
 
 class CrashActor(CrashTask):
-    stateful = True
+    def setup(self):  # a stage with a model: runs in an actor pool
+        self.loaded = True
