@@ -12,6 +12,7 @@ from collections import Counter
 from pathlib import Path
 
 from pipeline import manifests
+from pipeline.store import part_meta
 
 
 def _by_schema(output: Path) -> dict[str, list[dict]]:
@@ -30,8 +31,6 @@ def _by_schema(output: Path) -> dict[str, list[dict]]:
 
 def stage_costs(output: Path) -> list[dict]:
     """Worker time per stage, from the part metadata the runner writes, in pipeline order."""
-    from pipeline.runner import part_meta
-
     try:
         order = [s["name"] for s in json.loads((output / "run_config.json").read_text())["stages"]]
     except (OSError, ValueError, KeyError):

@@ -25,7 +25,6 @@ class ToneConfig(StageConfig):
 class ToneSegments(Stage):
     Config = ToneConfig
     manifest = "segments"
-    stateful = False
     default_resources = Resources(num_cpus=0.5, batch_size=4, concurrency=1)
 
     def process(self, rows):
@@ -51,7 +50,6 @@ class CrashConfig(StageConfig):
 class CrashTask(Stage):
     Config = CrashConfig
     manifest = "recordings"
-    stateful = False
     default_resources = Resources(num_cpus=0.5, batch_size=4, concurrency=1)
 
     def process(self, rows):
@@ -63,4 +61,22 @@ class CrashTask(Stage):
 
 
 class CrashActor(CrashTask):
-    stateful = True
+    def setup(self):  # a stage with a model: runs in an actor pool
+        self.loaded = True
+
+
+class TouchThenRaise(Stage):
+    """Alters every row it is given, then raises when the batch holds a recording whose name
+    contains ``word``: the runner must retry the others from the rows as they were, not as this
+    stage left them."""
+
+    Config = CrashConfig
+    manifest = "vad"
+    default_resources = Resources(num_cpus=0.5, batch_size=4, concurrency=1)
+
+    def process(self, rows):
+        for r in rows:
+            r["speech_duration"] = (r.get("speech_duration") or 0.0) + 1.0
+        if any(self.config.word in r["source_path"] for r in rows):
+            raise ValueError(f"a {self.config.word} recording in the batch")
+        return [dict(r, status="ok", reason=None) for r in rows]

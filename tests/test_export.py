@@ -9,12 +9,13 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from pipeline import manifests, synth
+from pipeline import manifests
 from pipeline.audio import decode_to_wav, probe
 from pipeline.report import write_report
 from pipeline.stage import StageContext
 from pipeline.stages.export import ExportConfig, ExportStage
 from pipeline.stages.quality import QualityConfig, QualityStage
+from tools import synth
 
 
 @pytest.fixture(scope="module")

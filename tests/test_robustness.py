@@ -141,6 +141,25 @@ def test_crashing_worker_fails_its_recording_only(tmp_path, ray_local):
     assert {n: r["status"] for n, r in by_name.items() if "crash" not in n} == dict.fromkeys("abcde", "kept")
 
 
+def test_a_batch_that_raises_is_retried_row_by_row_from_unaltered_rows(tmp_path, ray_local):
+    src = tmp_path / "in"
+    src.mkdir()
+    for name in ("a", "b", "bad_x", "c"):
+        (src / f"{name}.bin").write_bytes(name.encode())
+    cfg = parse_config({
+        "run": {"output": str(tmp_path / "out"), "progress": False, "report": {"enabled": False}},
+        "stages": {"touch": {"uses": "tests.robust_stages:TouchThenRaise", "word": "bad",
+                             "resources": {"batch_size": 4}}},
+    })
+    res = run_pipeline(cfg, src)
+    name = {r["recording_id"]: Path(r["source_path"]).stem for r in res.ledger.to_pylist()}
+    rows = {name[r["recording_id"]]: r for r in manifests.read_manifest(res.output, "touch").to_pylist()}
+    assert (rows["bad_x"]["status"], rows["bad_x"]["reason"]) == ("failed", "ValueError: a bad recording in the batch")
+    # Each good row went through the stage once more, alone, from the row it was first given.
+    assert {n: (r["status"], r["speech_duration"]) for n, r in rows.items() if n != "bad_x"} == \
+        dict.fromkeys("abc", ("ok", 1.0))
+
+
 # ------------------------------------------------------------------ content identity, generations, retries
 
 
@@ -295,7 +314,7 @@ def test_booby_trapped_model_folders_run_nothing(tmp_path):
 
 def test_one_line_errors_fail_before_work_and_the_lock_survives_the_loser(tmp_path, capsys):
     from pipeline.cli import main
-    from pipeline.runner import OutputLocked, _lock
+    from pipeline.store import OutputLocked, lock_output
 
     src = tmp_path / "in"
     src.mkdir()
@@ -312,10 +331,10 @@ def test_one_line_errors_fail_before_work_and_the_lock_survives_the_loser(tmp_pa
     assert err.count("\n") <= 2 and "stages.asr.pocketsphinx.lm: ./no/such/model.lm.bin does not exist" in err
     assert not (tmp_path / "o").exists()
     # The run that loses the race for the lock leaves the winner's pid in place.
-    held = _lock(tmp_path / "o")
+    held = lock_output(tmp_path / "o")
     try:
         with pytest.raises(OutputLocked, match=f"pid {os.getpid()}"):
-            _lock(tmp_path / "o")
+            lock_output(tmp_path / "o")
         assert (tmp_path / "o" / ".lock").read_text() == str(os.getpid())
     finally:
         held.close()
@@ -324,7 +343,7 @@ def test_one_line_errors_fail_before_work_and_the_lock_survives_the_loser(tmp_pa
 def test_plain_text_template_delimiters_are_neutralised():
     from types import SimpleNamespace
 
-    from pipeline.backends.llm import neutralise, special_tokens_of
+    from pipeline.backends.llm.base import neutralise, special_tokens_of
 
     llama2 = ("{% for m in messages %}{% if m['role'] == 'user' %}{{ '[INST] ' + m['content'] + ' [/INST]' }}"
               "{% else %}{{ m['content'] }}{% endif %}{% endfor %}")

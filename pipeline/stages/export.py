@@ -20,10 +20,10 @@ import soundfile as sf
 from pydantic import Field, field_validator
 
 from pipeline import manifests
+from pipeline.atomic import atomic_write
 from pipeline.audio import read_source_span, sanitize
-from pipeline.config import LANGUAGE_CODE
 from pipeline.inputs import fs_path
-from pipeline.stage import Resources, Stage, StageConfig
+from pipeline.stage import LANGUAGE_CODE, Resources, Stage, StageConfig
 
 SUFFIX = {"mp3": ".mp3", "flac": ".flac", "wav": ".wav"}
 
@@ -55,17 +55,18 @@ def inside(root: Path, path: Path) -> Path:
 
 
 def write_segment_audio(path: Path, audio: np.ndarray, sample_rate: int, fmt: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
     audio = sanitize(np.asarray(audio, dtype=np.float32))
-    if fmt == "mp3":
-        # compression_level 0 = the highest bitrate the sample rate allows (160 kbps at 24 kHz).
-        with sf.SoundFile(str(tmp), "w", samplerate=sample_rate, channels=1, format="MP3",
-                          subtype="MPEG_LAYER_III", compression_level=0.0, bitrate_mode="CONSTANT") as f:
-            f.write(audio)
-    else:
-        sf.write(str(tmp), audio, sample_rate, format=fmt.upper(), subtype="PCM_16")
-    tmp.replace(path)
+
+    def write(tmp: Path) -> None:
+        if fmt == "mp3":
+            # compression_level 0 = the highest bitrate the sample rate allows (160 kbps at 24 kHz).
+            with sf.SoundFile(str(tmp), "w", samplerate=sample_rate, channels=1, format="MP3",
+                              subtype="MPEG_LAYER_III", compression_level=0.0, bitrate_mode="CONSTANT") as f:
+                f.write(audio)
+        else:
+            sf.write(str(tmp), audio, sample_rate, format=fmt.upper(), subtype="PCM_16")
+
+    atomic_write(path, write)
 
 
 class ExportStage(Stage):
@@ -73,7 +74,8 @@ class ExportStage(Stage):
     manifest = "export"
     version = "1"
     default_resources = Resources(num_cpus=1, batch_size=4, concurrency=(1, 2))
-    stateful = False
+    needs = ("source_path", "segments")
+    adds = ()  # segments: path, status, reason
 
     def process(self, rows):
         cfg = self.config
@@ -173,13 +175,12 @@ def _remove_unlisted_audio(root: Path, listed: set[str]) -> None:
 
 
 def _atomic_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
+    atomic_write(path, text)
 
 
 def _atomic_gzip(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with gzip.open(tmp, "wt", encoding="utf-8") as f:
-        f.write(text)
-    tmp.replace(path)
+    def write(tmp: Path) -> None:
+        with gzip.open(tmp, "wt", encoding="utf-8") as f:
+            f.write(text)
+
+    atomic_write(path, write)

@@ -23,9 +23,11 @@ class QualityStage(Stage):
     manifest = "quality"
     version = "1"
     default_resources = Resources(num_cpus=1, batch_size=4, concurrency=1)
+    needs = ("audio_path", "segments")
+    adds = ()  # segments: dnsmos_ovrl, dnsmos_sig, dnsmos_bak, status, reason
 
-    def __init__(self, config: QualityConfig, ctx):
-        super().__init__(config, ctx)
+    def setup(self):
+        ctx = self.ctx
         from filters.dnsmos import DNSMOS
 
         providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if ctx.device == "cuda" else None
