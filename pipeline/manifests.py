@@ -45,6 +45,33 @@ UTTERANCE = pa.struct(
     ]
 )
 
+# One speaker turn of a dialogue segment: [S1]/[S2] and its span in the source file.
+SEGMENT_TURN = pa.struct(
+    [("speaker", pa.string()), ("start", pa.float64()), ("end", pa.float64()), ("text", pa.string())]
+)
+# The rule metrics of a segment (filters/rules.py): null where a rule is disabled.
+RULE_METRICS = pa.struct(
+    [
+        ("turns", pa.int64()),
+        ("events", pa.int64()),
+        ("turns_per_second", pa.float64()),
+        ("scripts", pa.map_(pa.string(), pa.float64())),
+        ("foreign_share", pa.float64()),
+        ("words", pa.int64()),
+        ("words_per_second", pa.float64()),
+        ("max_ngram_repeats", pa.int64()),
+        ("max_token_run", pa.int64()),
+        ("top_word_share", pa.float64()),
+        ("max_word_chars", pa.int64()),
+        ("unique_share", pa.float64()),
+        ("longest_word_chars", pa.int64()),
+        ("long_word_ratio", pa.float64()),
+        ("hallucinated_phrase", pa.string()),
+        ("agreement", pa.float64()),
+        ("failed", pa.list_(pa.string())),
+    ]
+)
+
 SCHEMAS: dict[str, pa.Schema] = {
     # One row per input file.
     "recordings": pa.schema(
@@ -117,6 +144,7 @@ SCHEMAS: dict[str, pa.Schema] = {
             pa.field("num_turns", pa.int32()),
             pa.field("language", pa.string()),
             pa.field("speakers", pa.list_(pa.string())),  # diarization speaker behind [S1], [S2]
+            pa.field("turns", pa.list_(SEGMENT_TURN)),  # the [S1]/[S2] turns with their spans
             pa.field("agreement", pa.float64()),  # WhisperD tags vs diarization, 0..1
             pa.field("source", pa.string()),  # "whisperd" or "diarization"
             pa.field("status", pa.string(), nullable=False),
@@ -132,7 +160,7 @@ SCHEMAS: dict[str, pa.Schema] = {
             pa.field("end", pa.float64(), nullable=False),
             pa.field("status", pa.string(), nullable=False),
             pa.field("reason", pa.string()),
-            pa.field("metrics", pa.string()),  # JSON object of every rule metric
+            pa.field("metrics", RULE_METRICS),  # every rule metric
         ]
     ),
     # One row per segment scored by DNSMOS P.835.
@@ -161,12 +189,14 @@ SCHEMAS: dict[str, pa.Schema] = {
             pa.field("language", pa.string()),
             pa.field("text", pa.string()),
             pa.field("num_turns", pa.int32()),
+            pa.field("turns", pa.list_(SEGMENT_TURN)),
             pa.field("path", pa.string()),  # relative to the export root
+            pa.field("audio_key", pa.string()),  # names the encoded audio: equal keys, identical files
             pa.field("agreement", pa.float64()),
             pa.field("dnsmos_ovrl", pa.float64()),
             pa.field("dnsmos_sig", pa.float64()),
             pa.field("dnsmos_bak", pa.float64()),
-            pa.field("metrics", pa.string()),
+            pa.field("metrics", RULE_METRICS),
             pa.field("status", pa.string(), nullable=False),
             pa.field("reason", pa.string()),
         ]
@@ -188,6 +218,8 @@ SCHEMAS: dict[str, pa.Schema] = {
 
 # Bump a schema's version when its meaning changes; readers refuse other versions.
 VERSIONS: dict[str, int] = {name: 1 for name in SCHEMAS}
+# 2: segment turns with spans, rule metrics as a struct (was a JSON string), export audio keys.
+VERSIONS.update(segments=2, rules=2, export=2)
 
 # Row key of each manifest (unique within a complete manifest).
 KEYS: dict[str, tuple[str, ...]] = {
@@ -282,6 +314,29 @@ def read_manifest(output: str | Path, stage: str, schema: str | None = None) -> 
     name = schema or schema_name(files[0])
     tables = [read_manifest_file(name, f) for f in files]
     return dedupe(pa.concat_tables(tables), KEYS[name])
+
+
+def read_stages(output: str | Path, columns: tuple[str, ...] = ("recording_id", "status", "reason")) -> pa.Table:
+    """The ``columns`` every stage's manifest has (by default the verdicts), one table for all
+    stages with the stage's name in a ``stage`` column, in pipeline order when the run recorded it.
+    (A reader pointed at the whole ``manifests/`` folder would merge unrelated schemas: read one
+    stage's folder, or this.)"""
+    output = Path(output)
+    try:
+        order = [s["name"] for s in json.loads((output / "run_config.json").read_text())["stages"]]
+    except (OSError, ValueError, KeyError):
+        order = sorted(d.name for d in (output / "manifests").glob("*") if d.is_dir())
+    tables = []
+    for stage in order:
+        t = read_manifest(output, stage)
+        missing = [c for c in columns if c not in t.column_names]
+        if missing:
+            raise ManifestError(f"{output / 'manifests' / stage}: no columns {missing}")
+        t = t.select(list(columns))
+        tables.append(t.append_column("stage", pa.array([stage] * t.num_rows, pa.string())))
+    if not tables:
+        raise ManifestError(f"{output}: no manifests")
+    return pa.concat_tables([t.replace_schema_metadata(None) for t in tables])
 
 
 def schema_name(path: Path) -> str:
