@@ -95,6 +95,8 @@ class TruthSegments(Stage):
             segs = []
             for k in range(0, len(turns) - 1, n):
                 group = turns[k:k + n]
+                if len(group) < 2:
+                    continue
                 parts, order = tag_turns([Turn(t["speaker"], t["text"], t["start"], t["end"], t["speaker"])
                                           for t in group], sep="" if truth["language"] == "zh" else " ")
                 start, end = round(group[0]["start"], 3), round(group[-1]["end"], 3)
