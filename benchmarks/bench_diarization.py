@@ -11,7 +11,7 @@ Real recordings: every `*_<N>spk_*` file of `../shared/realspeech/` (true count 
 reference turns from a `.rttm` beside it when there is one) and pyannote.audio's packaged
 `sample.wav` + `sample.rttm`. Without a reference only the speaker count is scored.
 
-Generated conditions (pipeline/synth.py, espeak voices): clean dialogues, back-channels and
+Generated conditions (tools/synth.py, espeak voices): clean dialogues, back-channels and
 overlapped turn changes, white noise at 10 dB SNR, one speaker 12 dB quieter, telephone band
 (written at 8 kHz, upsampled by the ingest), monologues, 3- and 4-speaker meetings.
 
@@ -42,10 +42,12 @@ sys.path.insert(0, str(ROOT))
 warnings.filterwarnings("ignore")
 
 from pipeline.audio import decode_to_wav  # noqa: E402
-from pipeline.backends.diarization import diarization_error, row_fields  # noqa: E402
-from pipeline.backends.diarization.embedded import EmbeddedDiarizer, EmbeddedSettings  # noqa: E402
-from pipeline.stages.vad import SileroOnnx, VadConfig, speech_spans  # noqa: E402
-from pipeline.synth import Clip, synth_dialogue, synth_meeting, synth_monologue, write_clip  # noqa: E402
+from pipeline.backends.diarization import row_fields  # noqa: E402
+from tools.scoring import diarization_error  # noqa: E402
+from pipeline.backends.diarization.embedded import EmbeddedDiarizer, EmbeddedOptions  # noqa: E402
+from pipeline.backends.vad.silero import SileroVad  # noqa: E402
+from pipeline.stages.vad import VadConfig, speech_spans  # noqa: E402
+from tools.synth import Clip, synth_dialogue, synth_meeting, synth_monologue, write_clip  # noqa: E402
 
 REALSPEECH = ROOT.parent / "shared" / "realspeech"
 
@@ -120,12 +122,12 @@ def generated_items(kind: str, n: int, duration: float, out: Path, seed0: int) -
 
 
 class Runner:
-    def __init__(self, settings: EmbeddedSettings):
-        self.vad = SileroOnnx()
+    def __init__(self, settings: EmbeddedOptions):
+        self.vad = SileroVad()
         self.diarizer = EmbeddedDiarizer(settings)
 
     def __call__(self, item: dict) -> dict:
-        speech = speech_spans(self.vad.probabilities([str(item["path"])])[0], item["duration"], VadConfig())
+        speech = speech_spans(self.vad.probabilities([str(item["path"])])[0], item["duration"], VadConfig(), self.vad.hop)
         t0 = time.perf_counter()
         fields = row_fields(self.diarizer.diarize(str(item["path"]), speech, item["duration"], 1, 4))
         secs = time.perf_counter() - t0
@@ -178,16 +180,16 @@ def run_generated(runner: Runner, sets: dict) -> None:
         print(_row(kind, errs, f"{right}/{len(items)}", secs, audio, " ".join(details)))
 
 
-def run_long(out: Path, seconds: float, settings: EmbeddedSettings) -> None:
+def run_long(out: Path, seconds: float, settings: EmbeddedOptions) -> None:
     """One long dialogue (sentences reused from a pool): speed and memory path of long inputs."""
-    from pipeline.synth import synth_long
+    from tools.synth import synth_long
 
     clip = synth_long(seconds, seed=11, kind="dialogue", backchannel_prob=0.3, overlap_prob=0.1)
     path = out / "long_embedded.wav"
     write_clip(clip, path)
-    vad = SileroOnnx()
+    vad = SileroVad()
     t0 = time.perf_counter()
-    speech = speech_spans(vad.probabilities([str(path)])[0], clip.truth.duration, VadConfig())
+    speech = speech_spans(vad.probabilities([str(path)])[0], clip.truth.duration, VadConfig(), vad.hop)
     t_vad = time.perf_counter() - t0
     diarizer = EmbeddedDiarizer(settings)
     t0 = time.perf_counter()
@@ -203,8 +205,9 @@ def run_long(out: Path, seconds: float, settings: EmbeddedSettings) -> None:
 def run_pyannote(out: Path, seconds: float | None) -> None:
     import torch
 
-    from pipeline.backends.diarization.pyannote import PyannoteDiarizer, PyannoteSettings, write_random_pipeline
-    from pipeline.synth import synth_long
+    from pipeline.backends.diarization.pyannote import PyannoteDiarizer, PyannoteOptions
+    from tools.pyannote_random import write_random_pipeline
+    from tools.synth import synth_long
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     seconds = seconds or (300.0 if device == "cuda" else 30.0)
@@ -213,7 +216,7 @@ def run_pyannote(out: Path, seconds: float | None) -> None:
     path = out / "long.wav"
     write_clip(clip, path)
     torch.set_num_threads(os.cpu_count() or 1)
-    d = PyannoteDiarizer(PyannoteSettings(model=str(pdir), batch_size=32), device=device,
+    d = PyannoteDiarizer(PyannoteOptions(model=str(pdir), batch_size=32), device=device,
                          num_threads=torch.get_num_threads())
     d.diarize(str(path), [], min(clip.truth.duration, 30.0))  # warm-up (CUDA kernels, first allocations)
     t0 = time.perf_counter()
@@ -240,7 +243,7 @@ def main() -> None:
     p.add_argument("--pyannote-seconds", type=float, default=None,
                    help="audio for the pyannote timing (default 300 s on CUDA, 30 s on CPU)")
     a = p.parse_args()
-    settings = EmbeddedSettings(**dict(kv.split("=", 1) for kv in a.set))
+    settings = EmbeddedOptions(**dict(kv.split("=", 1) for kv in a.set))
     import torch
 
     torch.set_num_threads(1)  # as in a pipeline worker; also keeps a busy machine from thrashing

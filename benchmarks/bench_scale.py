@@ -83,7 +83,7 @@ def main() -> None:
             d.mkdir()
             # Generated in a child process, so this process's peak RSS is the driver's alone.
             # MP3: the decoder has to stream a compressed file, the common case in the wild.
-            subprocess.run([sys.executable, "-m", "pipeline.synth", "long", "--duration", str(seconds),
+            subprocess.run([sys.executable, "-m", "tools.synth", "long", "--duration", str(seconds),
                             "--seed", "7", "--out", str(d / "long.mp3"), "--truth", str(work / f"{d.name}.json")],
                            check=True, cwd=Path(__file__).resolve().parent.parent)
             run(d, work / f"out_{d.name}", label, seconds)

@@ -44,7 +44,7 @@ def token_table() -> dict[str, int]:
 
 def dialogue_features(seconds: float) -> torch.Tensor:
     """Scaled log-mels (T, 100) of a generated dialogue, looped to `seconds`."""
-    from pipeline.synth import synth_dialogue
+    from tools.synth import synth_dialogue
 
     clip = synth_dialogue(0, n_turns=4, sample_rate=24000)
     feats = VocosFbank().extract(clip.audio, 24000) * FEAT_SCALE

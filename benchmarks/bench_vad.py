@@ -22,7 +22,7 @@ import soundfile as sf  # noqa: E402
 
 
 def make_audio(folder: Path, hours: float, files: int) -> float:
-    from pipeline import synth
+    from tools import synth
 
     per_file = hours * 3600 / files
     total = 0.0

@@ -187,7 +187,7 @@ def make_audio(out: Path, seconds: float) -> Path:
     audio from it (turn-taking speech with pauses, so VAD, diarization and the rules see dialogue)."""
     import soundfile as sf
 
-    from pipeline.synth import synth_long
+    from tools.synth import synth_long
 
     out.mkdir(parents=True, exist_ok=True)
     clip = synth_long(seconds, seed=7, kind="dialogue")
@@ -273,7 +273,7 @@ def build_lm(run: Run, size: str, rig: str | None = None, weights: bool = True) 
     from test_classification import build_tiny_lm
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    from pipeline.backends.llm import system_prompt
+    from pipeline.backends.llm.base import system_prompt
 
     path = run.work / f"lm-{size}{'-' + rig if rig else ''}{'' if weights else '-config'}"
     if path.exists():
@@ -328,12 +328,13 @@ def llm_rows(n: int, seed: int = 0) -> list[dict]:
 def section_diarization(run: Run) -> None:
     import torch
 
-    from pipeline.backends.diarization.pyannote import PyannoteDiarizer, PyannoteSettings, write_random_pipeline
+    from pipeline.backends.diarization.pyannote import PyannoteDiarizer, PyannoteOptions
+    from tools.pyannote_random import write_random_pipeline
 
     s = run.sizes
     pdir = write_random_pipeline(run.work / f"pyannote-{s.pyannote}", size=s.pyannote)
     path = write_wav(run.work / "diar.wav", load_audio(run, s.diar_s))
-    d = PyannoteDiarizer(PyannoteSettings(model=str(pdir), batch_size=32), device=run.device,
+    d = PyannoteDiarizer(PyannoteOptions(model=str(pdir), batch_size=32), device=run.device,
                          num_threads=torch.get_num_threads())
     d.diarize(str(path), [], min(s.diar_s, 30.0))  # warm-up: kernels, first allocations
     with timed(run) as t:
@@ -389,12 +390,11 @@ def _classify_rate(run: Run, section: str, clf, rows: list[dict]) -> None:
 
 
 def section_llm(run: Run) -> None:
-    from pipeline.backends.llm import PromptConfig
-    from pipeline.backends.llm.transformers import TransformersClassifier, TransformersConfig
+    from pipeline.backends.llm.transformers import TransformersClassifier, TransformersOptions
 
     s = run.sizes
     path = build_lm(run, s.lm)
-    clf = TransformersClassifier(TransformersConfig(model=path, batch_size=16, min_label_mass=0.0), PromptConfig(),
+    clf = TransformersClassifier(TransformersOptions(model=path, batch_size=16, min_label_mass=0.0),
                                  device=run.device)
     _classify_rate(run, "llm", clf, llm_rows(s.llm_rows))
     run.info["llm"] = f"transformers classifier, Qwen2 at {s.lm} dims, random weights, yes/no scoring, " \
@@ -408,11 +408,11 @@ def section_llm_vllm(run: Run) -> str | None:
         return "vLLM needs a GPU"
     import vllm
 
-    from pipeline.backends.llm.vllm import VllmClassifier, VllmConfig
+    from pipeline.backends.llm.vllm import VllmClassifier, VllmOptions
 
     s = run.sizes
     path = build_lm(run, s.vllm_lm, weights=False)
-    cfg = VllmConfig(model=path, max_model_len=8192, gpu_memory_utilization=0.85, dtype="bfloat16")
+    cfg = VllmOptions(model=path, max_model_len=8192, gpu_memory_utilization=0.85, dtype="bfloat16")
     llm = vllm.LLM(model=path, load_format="dummy", max_model_len=cfg.max_model_len,
                    gpu_memory_utilization=cfg.gpu_memory_utilization, dtype=cfg.dtype)
     _classify_rate(run, "llm_vllm", VllmClassifier(cfg, llm=llm), llm_rows(max(s.llm_rows, 256)))
@@ -450,7 +450,7 @@ def e2e_config(run: Run, out: Path, logical_gpu: bool) -> dict:
     raw = yaml.safe_load((ROOT / "configs" / "opendialog.yaml").read_text())
     st = raw["stages"]
     st["diarization"]["pyannote"]["model"] = str(
-        __import__("pipeline.backends.diarization.pyannote", fromlist=["x"]).write_random_pipeline(
+        __import__("tools.pyannote_random", fromlist=["x"]).write_random_pipeline(
             run.work / f"pyannote-{s.pyannote}", size=s.pyannote))
     st["asr"].update(language_id="fixed", language="en", languages=["en"], backends={"en": "whisper", "default": "whisper"})
     st["asr"]["whisper"] = {"model": build_whisper(run, s.whisper), "batch_size": 16, "fp16": True,

@@ -28,8 +28,6 @@ from typing import Annotated, Any, Callable, Generic, Mapping, TypeVar
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
-from pipeline.stage import StageConfig
-
 __all__ = [
     "RULES",
     "RulesConfig",
@@ -190,8 +188,10 @@ class AgreementRule(RuleConfig):
     )
 
 
-class RulesConfig(StageConfig):
+class RulesConfig(BaseModel):
     """Thresholds of the transcript rules; each rule has ``enabled`` and its own section."""
+
+    model_config = ConfigDict(extra="forbid")
 
     turns: TurnsRule = TurnsRule()
     script: ScriptRule = ScriptRule()

@@ -26,6 +26,8 @@ import numpy as np
 import soundfile as sf
 import soxr
 
+from pipeline.atomic import atomic_write
+
 ANALYSIS_SR = 16000
 BLOCK_SECONDS = 20.0
 MIN_SAMPLE_RATE = 4000  # below this a "recording" is a broken or hostile header, not speech
@@ -254,13 +256,13 @@ def decode_to_wav(path: str | Path, out_path: str | Path, info: AudioInfo | None
     Memory stays at one block whatever the file length. The output appears atomically."""
     path, out_path = Path(path), Path(out_path)
     info = info or probe(path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_path.with_name(f".{out_path.name}.tmp")
     frames = 0
-    resampler = None
-    bad, first_bad = 0, None
-    decoded = 0  # samples at the source rate
-    try:
+
+    def write(tmp: Path) -> None:
+        nonlocal frames
+        resampler = None
+        bad, first_bad = 0, None
+        decoded = 0  # samples at the source rate
         with sf.SoundFile(str(tmp), "w", samplerate=sample_rate, channels=1, subtype="PCM_16", format="WAV") as out:
             for block, sr in iter_blocks(path, info):
                 finite = np.isfinite(block)
@@ -282,19 +284,16 @@ def decode_to_wav(path: str | Path, out_path: str | Path, info: AudioInfo | None
                 if len(tail):
                     out.write(np.clip(tail, -1.0, 1.0))
                     frames += len(tail)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    if bad:
-        tmp.unlink(missing_ok=True)
-        raise AudioError(path, "non_finite", f"{bad} NaN/inf samples (the first at {first_bad:.3f} s)")
-    if info.decoder == "soundfile" and info.format in ("FLAC", "AIFF", "CAF", "W64", "WAV", "WAVEX"):
-        expected = info.frames * sample_rate / info.sample_rate
-        if frames + 0.01 * sample_rate < expected * 0.995:
-            tmp.unlink(missing_ok=True)
-            raise AudioError(path, "truncated",
-                             f"decoded {frames / sample_rate:.2f} s of the {info.duration:.2f} s the header declares")
-    tmp.replace(out_path)
+        # Checked before the file appears: a bad decode leaves no cache file behind.
+        if bad:
+            raise AudioError(path, "non_finite", f"{bad} NaN/inf samples (the first at {first_bad:.3f} s)")
+        if info.decoder == "soundfile" and info.format in ("FLAC", "AIFF", "CAF", "W64", "WAV", "WAVEX"):
+            expected = info.frames * sample_rate / info.sample_rate
+            if frames + 0.01 * sample_rate < expected * 0.995:
+                raise AudioError(path, "truncated",
+                                 f"decoded {frames / sample_rate:.2f} s of the {info.duration:.2f} s the header declares")
+
+    atomic_write(out_path, write)
     return frames
 
 

@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_intermixed_args(argv)
     level = getattr(logging, args.log_level.upper())
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
-    from pipeline.runner import OutputLocked
+    from pipeline.store import OutputLocked
 
     return clitools.run(lambda: _run(args), args.debug, (ConfigError, OutputLocked))
 

@@ -12,7 +12,6 @@ import copy
 import hashlib
 import json
 import os
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,7 +19,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from pipeline.stage import Resources, Stage, StageConfig
+from pipeline.stage import LANGUAGE_CODE, ROW_START, Resources, Stage, StageConfig
 from pipeline.stages import resolve_stage
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -31,8 +30,6 @@ class ConfigError(ValueError):
     pass
 
 
-# BCP-47-like: "en", "zh", "yue", "en-US", "zh_Hans". Language codes become folder names.
-LANGUAGE_CODE = re.compile(r"^[A-Za-z]{2,3}([-_][A-Za-z0-9]{2,8})*$")
 MODEL_FILES_HASHED = 200  # files of a model folder whose identity enters the fingerprint
 # Keys that name folders the pipeline writes or fills (not model inputs).
 NOT_MODEL_KEYS = ("cache_dir", "dir")
@@ -244,9 +241,30 @@ def parse_config(raw: dict[str, Any], source: str = "<config>", path: Path | Non
         )
         upstream = _fingerprint(name, cls, cfg, upstream)
         specs.append(StageSpec(name, cls, cfg, resources, upstream))
+    if not errors:
+        errors += _check_order(specs)
     if errors:
         raise ConfigError(f"{source}: invalid configuration:\n  " + "\n  ".join(errors))
     return PipelineConfig(path, run, specs, raw)
+
+
+def _check_order(specs: list[StageSpec]) -> list[str]:
+    """Every row column a stage needs must be added by a stage before it: a column that a later
+    stage adds means the stages are in the wrong order. (A column no stage of the config adds is
+    left to the stage: configs that test one stage name only that one.)"""
+    first: dict[str, str] = {}
+    for spec in specs:
+        for col in spec.cls.adds:
+            first.setdefault(col, spec.name)
+    have = set(ROW_START)
+    errors = []
+    for spec in specs:
+        for col in spec.cls.row_needs(spec.config):
+            if col not in have and col in first:
+                errors.append(f"stages.{spec.name}: needs {col!r}, which stage {first[col]!r} adds after it: "
+                              f"put {first[col]} before {spec.name}")
+        have.update(spec.cls.adds)
+    return errors
 
 
 def parse_override(item: str) -> tuple[list[str | int], Any]:

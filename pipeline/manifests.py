@@ -9,10 +9,14 @@ the file and the problem when they do not match.
 from __future__ import annotations
 
 import json
+import typing
 from pathlib import Path
+from typing import TypedDict
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from pipeline.atomic import atomic_write
 
 SCHEMA_VERSION_KEY = b"opendialog.schema"
 STATUSES = ("ok", "rejected", "failed")
@@ -23,8 +27,102 @@ class ManifestError(ValueError):
     """A manifest file is missing, unreadable, of another schema or of another version."""
 
 
-def _span_struct() -> pa.DataType:
-    return pa.struct([("start", pa.float64()), ("end", pa.float64())])
+# ----------------------------------------------------------------------------- the row contract
+# The nested values that flow between stages, each defined once: the TypedDict is what stage code
+# reads and writes, the Arrow struct derived from it is how manifests store it.
+
+
+class Span(TypedDict):
+    """A stretch of a recording in seconds (VAD speech, overlaps)."""
+
+    start: float
+    end: float
+
+
+class Turn(Span):
+    """A diarization turn: who speaks in the span."""
+
+    speaker: str
+
+
+class Utterance(Turn):
+    """A transcribed turn (ASR): its text, language and the backend's 0..1 confidence."""
+
+    text: str
+    language: str | None
+    confidence: float | None
+
+
+class SpeakerDuration(TypedDict):
+    speaker: str
+    duration: float
+
+
+class SegmentTurn(TypedDict):
+    """One [S1]/[S2] turn of a segment and its span in the source file."""
+
+    speaker: str
+    start: float
+    end: float
+    text: str
+
+
+class Segment(TypedDict):
+    """A <= 30 s dialogue piece of a recording (segments stage); ``start``/``end`` in seconds of the
+    source file. Later stages update ``status``/``reason`` and add their fields (``SegmentScores``)."""
+
+    segment_id: str
+    recording_id: str
+    start: float
+    end: float
+    duration: float | None
+    text: str | None
+    num_turns: int | None
+    language: str | None
+    speakers: list[str] | None  # the diarization speaker behind [S1], [S2], ...
+    turns: list[SegmentTurn] | None  # the [S1]/[S2] turns with their spans
+    agreement: float | None  # WhisperD tags vs diarization, 0..1
+    source: str | None  # "whisperd" or "diarization"
+    status: str
+    reason: str | None
+
+
+class SegmentScores(TypedDict, total=False):
+    """What rules, quality and export add to a segment."""
+
+    metrics: dict  # rules: every rule metric (stored as the RULE_METRICS struct)
+    dnsmos_ovrl: float
+    dnsmos_sig: float
+    dnsmos_bak: float
+    path: str  # export: relative to the export root
+    exported_duration: float
+
+
+_ARROW = {float: pa.float64(), str: pa.string(), int: pa.int32(), bool: pa.bool_()}
+
+
+def _arrow_type(hint) -> pa.DataType:
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    if typing.get_origin(hint) is list:
+        return pa.list_(_arrow_type(args[0]))
+    if args:  # X | None: nullable X
+        return _arrow_type(args[0])
+    if isinstance(hint, type) and hint in _ARROW:
+        return _ARROW[hint]
+    return arrow_struct(hint)
+
+
+def arrow_struct(cls: type) -> pa.StructType:
+    """The Arrow struct of a row TypedDict, fields in declaration order."""
+    return pa.struct([(name, _arrow_type(hint)) for name, hint in typing.get_type_hints(cls).items()])
+
+
+def _fields(cls: type, required: tuple[str, ...] = ()) -> list[pa.Field]:
+    return [pa.field(name, _arrow_type(hint), nullable=name not in required)
+            for name, hint in typing.get_type_hints(cls).items()]
+
+
+SPAN = arrow_struct(Span)
 
 
 _OUTCOME = [
@@ -33,22 +131,10 @@ _OUTCOME = [
     pa.field("reason", pa.string()),
 ]
 
-TURN = pa.struct([("start", pa.float64()), ("end", pa.float64()), ("speaker", pa.string())])
-UTTERANCE = pa.struct(
-    [
-        ("start", pa.float64()),
-        ("end", pa.float64()),
-        ("speaker", pa.string()),
-        ("text", pa.string()),
-        ("language", pa.string()),
-        ("confidence", pa.float64()),
-    ]
-)
+TURN = arrow_struct(Turn)
+UTTERANCE = arrow_struct(Utterance)
 
-# One speaker turn of a dialogue segment: [S1]/[S2] and its span in the source file.
-SEGMENT_TURN = pa.struct(
-    [("speaker", pa.string()), ("start", pa.float64()), ("end", pa.float64()), ("text", pa.string())]
-)
+SEGMENT_TURN = arrow_struct(SegmentTurn)
 # The rule metrics of a segment (filters/rules.py): null where a rule is disabled.
 RULE_METRICS = pa.struct(
     [
@@ -91,7 +177,7 @@ SCHEMAS: dict[str, pa.Schema] = {
     "vad": pa.schema(
         _OUTCOME
         + [
-            pa.field("speech", pa.list_(_span_struct())),
+            pa.field("speech", pa.list_(SPAN)),
             pa.field("speech_duration", pa.float64()),
             pa.field("num_segments", pa.int32()),
         ]
@@ -102,12 +188,9 @@ SCHEMAS: dict[str, pa.Schema] = {
         + [
             pa.field("turns", pa.list_(TURN)),
             pa.field("exclusive_turns", pa.list_(TURN)),
-            pa.field("overlaps", pa.list_(_span_struct())),
+            pa.field("overlaps", pa.list_(SPAN)),
             pa.field("num_speakers", pa.int32()),
-            pa.field(
-                "speaker_durations",
-                pa.list_(pa.struct([("speaker", pa.string()), ("duration", pa.float64())])),
-            ),
+            pa.field("speaker_durations", pa.list_(arrow_struct(SpeakerDuration))),
             pa.field("overlap_ratio", pa.float64()),
         ]
     ),
@@ -133,24 +216,7 @@ SCHEMAS: dict[str, pa.Schema] = {
         ]
     ),
     # One row per dialogue segment (<= 30 s) of a recording.
-    "segments": pa.schema(
-        [
-            pa.field("segment_id", pa.string(), nullable=False),
-            pa.field("recording_id", pa.string(), nullable=False),
-            pa.field("start", pa.float64(), nullable=False),
-            pa.field("end", pa.float64(), nullable=False),
-            pa.field("duration", pa.float64()),
-            pa.field("text", pa.string()),
-            pa.field("num_turns", pa.int32()),
-            pa.field("language", pa.string()),
-            pa.field("speakers", pa.list_(pa.string())),  # diarization speaker behind [S1], [S2]
-            pa.field("turns", pa.list_(SEGMENT_TURN)),  # the [S1]/[S2] turns with their spans
-            pa.field("agreement", pa.float64()),  # WhisperD tags vs diarization, 0..1
-            pa.field("source", pa.string()),  # "whisperd" or "diarization"
-            pa.field("status", pa.string(), nullable=False),
-            pa.field("reason", pa.string()),
-        ]
-    ),
+    "segments": pa.schema(_fields(Segment, ("segment_id", "recording_id", "start", "end", "status"))),
     # One row per segment: rule verdicts and the metrics behind them.
     "rules": pa.schema(
         [
@@ -284,10 +350,7 @@ def validate(name: str, table: pa.Table, source: str = "<table>") -> pa.Table:
 
 def write_table(table: pa.Table, path: Path) -> None:
     """Write atomically: a reader (or a resumed run) never sees a half-written file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    pq.write_table(table, tmp)
-    tmp.replace(path)
+    atomic_write(path, lambda tmp: pq.write_table(table, tmp))
 
 
 def read_manifest_file(name: str, path: Path) -> pa.Table:

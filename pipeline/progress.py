@@ -174,3 +174,8 @@ class Progress:
         for bar in self._bars:
             bar.close()
         self._bars = []
+
+
+def say(msg: str) -> None:
+    """One line of the pipeline's own console output (the summary, scaling notes)."""
+    print(f"[pipeline] {msg}", flush=True)

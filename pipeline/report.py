@@ -18,19 +18,12 @@ import json
 from collections import Counter
 from pathlib import Path
 
-import pyarrow.parquet as pq
-
 from pipeline import manifests
-
-PART_META_KEY = b"opendialog.part"  # the runner's part metadata (fingerprint, outcomes, seconds)
+from pipeline.store import part_meta, staging_dir
 
 
 def _meta(path: Path) -> dict:
-    try:
-        raw = (pq.read_schema(path).metadata or {}).get(PART_META_KEY)
-    except Exception:  # noqa: BLE001 - an unreadable part counts for nothing
-        return {}
-    return json.loads(raw) if raw else {}
+    return part_meta(path) or {}
 
 
 def _stage_order(output: Path) -> list[str]:
@@ -60,7 +53,7 @@ def this_run_costs(output: Path, stages: list, since: float) -> dict[str, dict]:
     per stage; read before they are published."""
     out = {}
     for spec in stages:
-        d = output / ".state" / spec.name / spec.fingerprint / "manifest"
+        d = staging_dir(output, spec.name, spec.fingerprint) / "manifest"
         seconds = audio = 0.0
         for f in d.glob("*.parquet") if d.is_dir() else []:
             if f.stat().st_mtime >= since:

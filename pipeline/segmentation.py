@@ -18,6 +18,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from pipeline.manifests import Utterance
+
 Span = tuple[float, float]
 
 
@@ -123,7 +125,9 @@ _TAG = re.compile(r"\[S(\d+)\]")
 
 
 @dataclass
-class Turn:
+class TaggedTurn:
+    """A turn of [S1]/[S2]-tagged text (the row's speaker turns are ``pipeline.manifests.Turn``)."""
+
     tag: str  # "S1", "S2", ... as written (local to a chunk for WhisperD)
     text: str
     start: float | None = None
@@ -131,38 +135,38 @@ class Turn:
     speaker: str | None = None  # recording-level speaker (diarization label)
 
 
-def parse_tagged(text: str) -> list[Turn]:
-    """'[S1] hi (laughs) [S2] yo' -> [Turn('S1', 'hi (laughs)'), Turn('S2', 'yo')].
+def parse_tagged(text: str) -> list[TaggedTurn]:
+    """'[S1] hi (laughs) [S2] yo' -> [TaggedTurn('S1', 'hi (laughs)'), TaggedTurn('S2', 'yo')].
 
     Text before the first tag is attached to a turn of tag "S?" (untagged); empty turns are
     dropped and consecutive turns with the same tag are merged."""
-    turns: list[Turn] = []
+    turns: list[TaggedTurn] = []
     pos = 0
     tag = "S?"
     for m in _TAG.finditer(text):
         piece = text[pos:m.start()].strip()
         if piece:
-            turns.append(Turn(tag, piece))
+            turns.append(TaggedTurn(tag, piece))
         tag, pos = f"S{m.group(1)}", m.end()
     piece = text[pos:].strip()
     if piece:
-        turns.append(Turn(tag, piece))
+        turns.append(TaggedTurn(tag, piece))
     return merge_turns(turns)
 
 
-def merge_turns(turns: list[Turn], sep: str = " ") -> list[Turn]:
-    out: list[Turn] = []
+def merge_turns(turns: list[TaggedTurn], sep: str = " ") -> list[TaggedTurn]:
+    out: list[TaggedTurn] = []
     for t in turns:
         if out and out[-1].tag == t.tag and out[-1].speaker == t.speaker:
             last = out[-1]
             last.text = f"{last.text}{sep}{t.text}".strip()
             last.end = t.end if t.end is not None else last.end
         else:
-            out.append(Turn(t.tag, t.text, t.start, t.end, t.speaker))
+            out.append(TaggedTurn(t.tag, t.text, t.start, t.end, t.speaker))
     return out
 
 
-def tagged_text(turns: list[Turn], key: str = "speaker", sep: str = " ") -> tuple[str, list[str]]:
+def tagged_text(turns: list[TaggedTurn], key: str = "speaker", sep: str = " ") -> tuple[str, list[str]]:
     """Turns -> ('[S1] .. [S2] ..', [who is S1, who is S2]).
 
     The first turn's ``key`` (speaker, or tag) becomes [S1], the other one [S2]; turns of the
@@ -171,7 +175,7 @@ def tagged_text(turns: list[Turn], key: str = "speaker", sep: str = " ") -> tupl
     return " ".join(f"[{p['speaker']}] {p['text']}" for p in parts), order
 
 
-def tag_turns(turns: list[Turn], key: str = "speaker", sep: str = " ") -> tuple[list[dict], list[str]]:
+def tag_turns(turns: list[TaggedTurn], key: str = "speaker", sep: str = " ") -> tuple[list[dict], list[str]]:
     """The turns of ``tagged_text`` as dicts ``{speaker: "S1"|"S2", start, end, text}`` (times of
     the source, None where the turn had none), and who is S1, S2."""
     order: list[str] = []
@@ -192,7 +196,7 @@ def tag_turns(turns: list[Turn], key: str = "speaker", sep: str = " ") -> tuple[
     return [p for p in parts if p["text"]], order
 
 
-def estimate_turn_times(turns: list[Turn], speech: list[Span], chunk: Chunk, cjk: bool = False) -> None:
+def estimate_turn_times(turns: list[TaggedTurn], speech: list[Span], chunk: Chunk, cjk: bool = False) -> None:
     """Give untimed turns (WhisperD text has no timestamps) time spans: the chunk's speech time is
     shared out in proportion to each turn's length in characters (words for non-CJK text are
     counted by characters too: speech rate is closer to constant per character than per word)."""
@@ -220,7 +224,7 @@ def _overlap(a: Span, b: Span) -> float:
     return max(0.0, min(a[1], b[1]) - max(a[0], b[0]))
 
 
-def map_tags_to_speakers(turns: list[Turn], diar_turns: list[tuple[float, float, str]]) -> float:
+def map_tags_to_speakers(turns: list[TaggedTurn], diar_turns: list[tuple[float, float, str]]) -> float:
     """Map each local tag to the diarization speaker it overlaps most (one-to-one, greedy by
     overlap), set ``turn.speaker``, and return the agreement: the share of tagged speech time whose
     diarization speaker is the one its tag was mapped to (1.0 = WhisperD and diarization agree)."""
@@ -250,7 +254,7 @@ def map_tags_to_speakers(turns: list[Turn], diar_turns: list[tuple[float, float,
     return round(min(1.0, agree / total), 4)
 
 
-def turns_from_utterances(utterances: list[dict], chunk: Chunk) -> list[Turn]:
+def turns_from_utterances(utterances: list[Utterance], chunk: Chunk) -> list[TaggedTurn]:
     """Diarization-attributed ASR utterances inside a chunk -> turns (for the embedded path).
 
     An utterance that crosses the chunk edge contributes the share of its words that falls
@@ -267,6 +271,6 @@ def turns_from_utterances(utterances: list[dict], chunk: Chunk) -> list[Turn]:
             hi = int(round(n * min(1.0, (chunk.end - a) / max(b - a, 1e-9))))
             words = words[lo:hi]
         if words:
-            out.append(Turn(u.get("speaker") or "SPEAKER_00", " ".join(words), max(a, chunk.start),
+            out.append(TaggedTurn(u.get("speaker") or "SPEAKER_00", " ".join(words), max(a, chunk.start),
                             min(b, chunk.end), u.get("speaker") or "SPEAKER_00"))
     return merge_turns(out)

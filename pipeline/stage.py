@@ -1,20 +1,28 @@
 """What a pipeline stage is.
 
 A stage is a small class: it validates its own config section (``Config``), declares its
-resources, loads its model once in ``__init__`` (once per Ray worker) and turns a batch of
-recording rows into updated rows with a verdict (``status`` ok / rejected / failed, ``reason``).
+resources and the row columns it needs and adds, loads its model once in ``setup`` (once per Ray
+worker: a stage that overrides ``setup`` runs in a pool of long-lived Ray actors, one without a
+model as plain Ray tasks) and turns a batch of recording rows into updated rows with a verdict
+(``status`` ok / rejected / failed, ``reason``).
 The runner is generic: it never looks inside rows beyond ``recording_id``, ``status`` and
-``reason``.
+``reason``. Every row starts with ``recording_id`` and ``source_path`` (``ROW_START``).
 """
 
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+ROW_START = ("recording_id", "source_path")
+
+# A language code as configs and rows carry it ('en', 'zh', 'en-US'); also a file name part.
+LANGUAGE_CODE = re.compile(r"^[A-Za-z]{2,3}([-_][A-Za-z0-9]{2,8})*$")
 
 
 class Resources(BaseModel):
@@ -81,12 +89,29 @@ class Stage:
     manifest: ClassVar[str]  # schema name in pipeline.manifests
     version: ClassVar[str] = "1"  # bump when outputs change for the same config
     default_resources: ClassVar[Resources] = Resources()
-    # Stages without a model run as plain Ray tasks instead of an actor pool.
-    stateful: ClassVar[bool] = True
+    # Row columns the stage reads and the ones it adds (``pipeline.manifests`` types the nested
+    # ones). A config whose stages come in an order that breaks this fails when it is loaded, so
+    # process() never checks per row for an earlier stage's columns.
+    needs: ClassVar[tuple[str, ...]] = ()
+    adds: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, config: StageConfig, ctx: StageContext):
         self.config = config
         self.ctx = ctx
+        self.setup()
+
+    def setup(self) -> None:
+        """Load the stage's model (once per worker). Overriding it makes the stage an actor."""
+
+    @classmethod
+    def row_needs(cls, config: StageConfig) -> tuple[str, ...]:
+        """The columns this stage needs with this config (default: ``needs``)."""
+        return cls.needs
+
+    @classmethod
+    def loads_model(cls) -> bool:
+        """Whether workers keep state between batches: then they are a pool of Ray actors."""
+        return cls.setup is not Stage.setup
 
     def process(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """Return one row per input row (same order), updated with this stage's fields and with

@@ -25,7 +25,6 @@ class ToneConfig(StageConfig):
 class ToneSegments(Stage):
     Config = ToneConfig
     manifest = "segments"
-    stateful = False
     default_resources = Resources(num_cpus=0.5, batch_size=4, concurrency=1)
 
     def process(self, rows):
@@ -51,7 +50,6 @@ class CrashConfig(StageConfig):
 class CrashTask(Stage):
     Config = CrashConfig
     manifest = "recordings"
-    stateful = False
     default_resources = Resources(num_cpus=0.5, batch_size=4, concurrency=1)
 
     def process(self, rows):
@@ -63,7 +61,8 @@ class CrashTask(Stage):
 
 
 class CrashActor(CrashTask):
-    stateful = True
+    def setup(self):  # a stage with a model: runs in an actor pool
+        self.loaded = True
 
 
 class TruthConfig(StageConfig):
@@ -78,14 +77,15 @@ class TruthSegments(Stage):
 
     Config = TruthConfig
     manifest = "segments"
-    stateful = False
+    needs = ("source_path",)
+    adds = ("segments",)
     default_resources = Resources(num_cpus=0.5, batch_size=4, concurrency=1)
 
     def process(self, rows):
         import json
         from pathlib import Path
 
-        from pipeline.segmentation import Turn, tag_turns
+        from pipeline.segmentation import TaggedTurn, tag_turns
 
         out = []
         for r in rows:
@@ -97,7 +97,7 @@ class TruthSegments(Stage):
                 group = turns[k:k + n]
                 if len(group) < 2:
                     continue
-                parts, order = tag_turns([Turn(t["speaker"], t["text"], t["start"], t["end"], t["speaker"])
+                parts, order = tag_turns([TaggedTurn(t["speaker"], t["text"], t["start"], t["end"], t["speaker"])
                                           for t in group], sep="" if truth["language"] == "zh" else " ")
                 start, end = round(group[0]["start"], 3), round(group[-1]["end"], 3)
                 segs.append(dict(segment_id=f"{r['recording_id']}_{len(segs):04d}", recording_id=r["recording_id"],

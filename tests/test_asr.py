@@ -24,7 +24,8 @@ import pytest
 import soundfile as sf
 import torch
 
-from pipeline import manifests, synth
+from pipeline import manifests
+from tools import synth
 from pipeline.backends.asr import Transcript, load_backend
 from pipeline.backends.hub import ModelNotFound
 from pipeline.config import ConfigError, parse_config
@@ -224,6 +225,26 @@ def test_language_of_recording_and_turns():
     assert turns == ["en", "zh", "en", "en"]
 
 
+def test_a_stage_before_the_stage_it_reads_from_is_a_config_error():
+    """An ASR with no VAD before it (the per-row "run vad before asr" of old) fails at load time."""
+    base = {"run": {"output": "/tmp/x"}}
+    for order, words in [(["ingest", "asr", "vad"], ["stages.asr", "'speech'", "'vad'", "put vad before asr"]),
+                         (["ingest", "vad", "asr", "diarization"], ["stages.asr", "'turns'", "'diarization'"]),
+                         (["ingest", "vad", "diarization", "classification", "asr"], []),  # heuristic: turns only
+                         (["ingest", "vad", "segments", "asr"], ["stages.segments", "'utterances'", "'asr'"])]:
+        raw = {**base, "stages": {name: {} for name in order}}
+        if not words:
+            assert [s.name for s in parse_config(raw).stages] == order
+            continue
+        with pytest.raises(ConfigError) as e:
+            parse_config(raw)
+        assert all(w in str(e.value) for w in words), str(e.value)
+    llm_first = {**base, "stages": {"ingest": {}, "vad": {}, "diarization": {},
+                                    "classification": {"backend": "transformers"}, "asr": {}}}
+    with pytest.raises(ConfigError, match="stages.classification: needs 'utterances', which stage 'asr' adds after it"):
+        parse_config(llm_first)
+
+
 def test_config_errors_name_the_key():
     base = {"run": {"output": "/tmp/x"}, "stages": {"ingest": {}, "vad": {}}}
     for section, words in [({"backends": {"en": "whisper"}}, ["stages.asr", "default"]),
@@ -388,9 +409,7 @@ def test_stage_routes_languages_splits_long_turns_and_flags_bad_rows(tmp_path):
     # Recording c: its cached audio is gone.
     row_c = {"recording_id": "c", "audio_path": str(tmp_path / "gone.wav"), "duration": 3.0, "status": "ok",
              "speech": [{"start": 0.0, "end": 3.0}]}
-    # Recording d: no vad output at all.
-    row_d = {"recording_id": "d", "audio_path": str(tmp_path / "b.wav"), "duration": 5.0, "status": "ok"}
-    out = {r["recording_id"]: r for r in stage.process([row_a, row_b, row_c, row_d])}
+    out = {r["recording_id"]: r for r in stage.process([row_a, row_b, row_c])}
 
     ra = out["a"]
     assert ra["status"] == "ok" and ra["language"] == "en" and 0.5 < ra["language_probability"] <= 1
@@ -408,7 +427,6 @@ def test_stage_routes_languages_splits_long_turns_and_flags_bad_rows(tmp_path):
     rb = out["b"]
     assert rb["status"] == "rejected" and "no words recognised in 2 turns" in rb["reason"]
     assert out["c"]["status"] == "failed" and "gone.wav" in out["c"]["reason"]
-    assert out["d"]["status"] == "failed" and "run vad before asr" in out["d"]["reason"]
 
     # A recording identified as a language outside `languages` is rejected before transcription.
     stage.config = cfg.model_copy(update={"languages": ["zh"]})

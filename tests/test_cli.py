@@ -164,7 +164,7 @@ def _parsers():
     from model.tiny import main as _tiny  # noqa: F401 - builds its parser inside main
     from model.train import build_parser as train
     from pipeline.cli import build_parser as pipeline
-    from pipeline.synth import build_parser as synth
+    from tools.synth import build_parser as synth
 
     return [pipeline(), train(), infer(), evaluate(), average(), prepare(), synth()]
 

@@ -299,7 +299,7 @@ def test_interrupted_two_rename_swap_is_recovered(tmp_path, monkeypatch):
 def test_classifier_verdicts_are_stored_and_a_threshold_refilters_them(tmp_path, monkeypatch):
     import copy
 
-    from pipeline.backends.llm.heuristic import HeuristicClassifier, HeuristicConfig
+    from pipeline.backends.llm.heuristic import HeuristicClassifier
     from pipeline.stage import StageContext
     from pipeline.stages.classification import ClassificationConfig, ClassificationStage
     from test_classification import two_speaker_row
@@ -320,5 +320,5 @@ def test_classifier_verdicts_are_stored_and_a_threshold_refilters_them(tmp_path,
     assert calls == [3]  # the stored verdicts, re-filtered
     assert [r["dialogue_score"] for r in strict] == [r["dialogue_score"] for r in loose]
     assert all(r["status"] == "rejected" for r in strict if r["dialogue_score"] < 1.0)
-    classify_with(threshold=0.0, heuristic=HeuristicConfig(min_alternations=2).model_dump())  # a scoring change
+    classify_with(threshold=0.0, heuristic={"min_alternations": 2})  # a scoring change
     assert calls == [3, 3]

@@ -11,17 +11,18 @@ import pytest
 
 from pipeline import manifests
 from pipeline.audio import decode_to_wav, read_span
-from pipeline.backends.diarization import (Diarization, diarization_error, exclusive_turns, merge_turns, overlap_regions,
-                                           row_fields)
-from pipeline.backends.diarization.embedded import EmbeddedDiarizer, EmbeddedSettings
-from pipeline.backends.diarization.pyannote import (PyannoteDiarizer, PyannoteSettings, output_to_diarization,
-                                                    write_random_pipeline)
+from pipeline.backends.diarization import Diarization, exclusive_turns, merge_turns, overlap_regions, row_fields
+from pipeline.backends.diarization.embedded import EmbeddedDiarizer, EmbeddedOptions
+from pipeline.backends.diarization.pyannote import PyannoteDiarizer, PyannoteOptions, output_to_diarization
 from pipeline.backends.hub import ModelNotFound
 from pipeline.config import ConfigError, parse_config
 from pipeline.stage import StageContext
 from pipeline.stages.diarization import DiarizationStage
-from pipeline.stages.vad import SileroOnnx, VadConfig, speech_spans
-from pipeline.synth import Clip, Truth, synth_dialogue, synth_meeting, synth_monologue, write_clip
+from pipeline.backends.vad.silero import SileroVad
+from pipeline.stages.vad import VadConfig, speech_spans
+from tools.synth import Clip, Truth, synth_dialogue, synth_meeting, synth_monologue, write_clip
+from tools.pyannote_random import write_random_pipeline
+from tools.scoring import diarization_error
 
 warnings.filterwarnings("ignore", category=UserWarning)
 
@@ -109,14 +110,14 @@ def test_pyannote_loader_errors(tmp_path, monkeypatch):
     assert not is_metrics_enabled()  # no usage reports leave a pipeline worker by default
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(ModelNotFound, match=r"not found locally and the hub is unreachable.*HF_TOKEN"):
-        PyannoteDiarizer(PyannoteSettings(model="pyannote/speaker-diarization-community-1"))
+        PyannoteDiarizer(PyannoteOptions(model="pyannote/speaker-diarization-community-1"))
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match=r"empty: not a pyannote pipeline directory \(no config.yaml\)"):
-        PyannoteDiarizer(PyannoteSettings(model=str(tmp_path / "empty")))
+        PyannoteDiarizer(PyannoteOptions(model=str(tmp_path / "empty")))
     (tmp_path / "broken").mkdir()
     (tmp_path / "broken" / "config.yaml").write_text("pipeline:\n  name: pyannote.audio.pipelines.NoSuchPipeline\n")
     with pytest.raises(ValueError, match=r"broken/config.yaml: cannot load the pyannote pipeline"):
-        PyannoteDiarizer(PyannoteSettings(model=str(tmp_path / "broken")))
+        PyannoteDiarizer(PyannoteOptions(model=str(tmp_path / "broken")))
 
 
 # --------------------------------------------------------------------------- embedded accuracy
@@ -124,13 +125,13 @@ def test_pyannote_loader_errors(tmp_path, monkeypatch):
 
 @pytest.fixture(scope="module")
 def embedded():
-    return EmbeddedDiarizer(EmbeddedSettings())
+    return EmbeddedDiarizer(EmbeddedOptions())
 
 
 @pytest.fixture(scope="module")
 def vad():
-    model = SileroOnnx()
-    return lambda path, duration: speech_spans(model.probabilities([str(path)])[0], duration, VadConfig())
+    model = SileroVad()
+    return lambda path, duration: speech_spans(model.probabilities([str(path)])[0], duration, VadConfig(), model.hop)
 
 
 def _diarize(tmp: Path, name: str, clip, embedded, vad) -> tuple[dict, Truth]:

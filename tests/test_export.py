@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from pipeline import manifests, synth
+from pipeline import manifests
+from tools import synth
 from pipeline.audio import decode_to_wav, probe
 from pipeline.report import write_report
 from pipeline.stage import StageContext

@@ -20,7 +20,8 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from pipeline import manifests, synth
+from pipeline import manifests
+from tools import synth
 from pipeline.backends.asr import Word, faster_whisper, load_backend
 from pipeline.backends.hub import ModelNotFound
 from pipeline.config import parse_config

@@ -13,15 +13,15 @@ def test_gpu_scale_rule(ray_local, tmp_path):
     import yaml
 
     from pipeline.config import parse_config
-    from pipeline.runner import _gpu_scale
+    from pipeline.dataflow import gpu_scale
 
     raw = yaml.safe_load((ROOT / "configs" / "opendialog.yaml").read_text())
     raw["run"] = {"output": str(tmp_path)}
     raw["stages"]["classification"]["backend"] = "heuristic"
     cfg = parse_config(raw)
     assert sum(s.resources.num_gpus for s in cfg.stages) == 4
-    assert _gpu_scale(cfg, local=False) == 1.0
+    assert gpu_scale(cfg, local=False) == 1.0
     assert ray_local.cluster_resources().get("GPU", 0) == 0
-    assert _gpu_scale(cfg, local=True) == 0.0
+    assert gpu_scale(cfg, local=True) == 0.0
     cpu_only = parse_config({"run": {"output": str(tmp_path)}, "stages": {"ingest": {}, "vad": {}}})
-    assert _gpu_scale(cpu_only, local=True) == 1.0
+    assert gpu_scale(cpu_only, local=True) == 1.0

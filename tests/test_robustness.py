@@ -294,7 +294,7 @@ def test_booby_trapped_model_folders_run_nothing(tmp_path):
 
 def test_one_line_errors_fail_before_work_and_the_lock_survives_the_loser(tmp_path, capsys):
     from pipeline.cli import main
-    from pipeline.runner import OutputLocked, _lock
+    from pipeline.store import OutputLocked, lock_output
 
     src = tmp_path / "in"
     src.mkdir()
@@ -311,10 +311,10 @@ def test_one_line_errors_fail_before_work_and_the_lock_survives_the_loser(tmp_pa
     assert err.count("\n") <= 2 and "stages.asr.pocketsphinx.lm: ./no/such/model.lm.bin does not exist" in err
     assert not (tmp_path / "o").exists()
     # The run that loses the race for the lock leaves the winner's pid in place.
-    held = _lock(tmp_path / "o")
+    held = lock_output(tmp_path / "o")
     try:
         with pytest.raises(OutputLocked, match=f"pid {os.getpid()}"):
-            _lock(tmp_path / "o")
+            lock_output(tmp_path / "o")
         assert (tmp_path / "o" / ".lock").read_text() == str(os.getpid())
     finally:
         held.close()
@@ -323,7 +323,7 @@ def test_one_line_errors_fail_before_work_and_the_lock_survives_the_loser(tmp_pa
 def test_plain_text_template_delimiters_are_neutralised():
     from types import SimpleNamespace
 
-    from pipeline.backends.llm import neutralise, special_tokens_of
+    from pipeline.backends.llm.base import neutralise, special_tokens_of
 
     llama2 = ("{% for m in messages %}{% if m['role'] == 'user' %}{{ '[INST] ' + m['content'] + ' [/INST]' }}"
               "{% else %}{{ m['content'] }}{% endif %}{% endfor %}")

@@ -203,7 +203,8 @@ def test_config_rejects_unknown_keys_and_bad_values():
 def test_documented_yaml_block_is_the_default_config():
     block = yaml.safe_dump(CFG.model_dump(mode="json", exclude={"uses", "resources"}), allow_unicode=True)
     spec = parse_config({"stages": {"rules": yaml.safe_load(block)}}).stages[0]
-    assert spec.cls is RulesStage and spec.config == CFG
+    assert spec.cls is RulesStage
+    assert spec.config.model_dump(exclude={"uses", "resources"}) == CFG.model_dump()
 
 
 # ----------------------------------------------------------------------------- properties
@@ -361,14 +362,17 @@ def test_stage_rejects_a_recording_whose_segments_all_fail():
             stage_segment(2, RUN_EN, 5.0)]
     rows = [{"recording_id": "all_bad", "status": "ok", "reason": None, "segments": segs},
             {"recording_id": "none_ok", "status": "ok", "reason": None,
-             "segments": [stage_segment(0, "[S1] a", 1.0, status="rejected", reason="segments: x")]},
-            {"recording_id": "no_segments", "status": "ok", "reason": None}]
-    all_bad, none_ok, missing = make_stage().process(rows)
+             "segments": [stage_segment(0, "[S1] a", 1.0, status="rejected", reason="segments: x")]}]
+    all_bad, none_ok = make_stage().process(rows)
     assert all_bad["status"] == "rejected"
     assert all_bad["reason"] == "all 3 segments rejected by rules: turns x2, repetition x1"
     assert none_ok["status"] == "rejected" and "no segment with status ok" in none_ok["reason"]
-    assert missing["status"] == "failed" and "'segments'" in missing["reason"]
+    # A row without segments (a failed one passed on by the runner) has no manifest rows.
+    missing = {"recording_id": "no_segments", "status": "failed", "reason": "x"}
     assert make_stage().manifest_rows(missing) == []
+    # Rules before the stage that makes the segments: the config fails to load (once, not per row).
+    with pytest.raises(ConfigError, match="stages.rules: needs 'segments', which stage 'segments' adds after it"):
+        parse_config({"stages": {"ingest": {}, "rules": {}, "segments": {}}})
 
 
 def test_manifest_rows_fit_the_rules_schema(tmp_path):
@@ -395,6 +399,6 @@ def test_manifest_rows_fit_the_rules_schema(tmp_path):
 
 def test_stage_is_registered_as_a_stateless_rules_stage():
     cls = resolve_stage("rules")
-    assert cls is RulesStage and cls.Config is RulesConfig
-    assert cls.manifest == "rules" and cls.stateful is False
+    assert cls is RulesStage and issubclass(cls.Config, RulesConfig)
+    assert cls.manifest == "rules" and not cls.loads_model()
     assert math.isclose(cls.default_resources.num_cpus, 0.5) and cls.default_resources.num_gpus == 0

@@ -6,10 +6,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipeline import synth
+from tools import synth
 from pipeline.segmentation import (
     Chunk,
-    Turn,
+    TaggedTurn,
     estimate_turn_times,
     map_tags_to_speakers,
     parse_tagged,
@@ -86,11 +86,11 @@ def test_parse_tagged_events_and_merging():
 
 
 def test_tagged_text_starts_with_s1_and_alternates():
-    turns = [Turn("x", "a", speaker="B"), Turn("x", "b", speaker="B"), Turn("x", "c", speaker="A"), Turn("x", "d", speaker="B")]
+    turns = [TaggedTurn("x", "a", speaker="B"), TaggedTurn("x", "b", speaker="B"), TaggedTurn("x", "c", speaker="A"), TaggedTurn("x", "d", speaker="B")]
     text, order = tagged_text(turns)
     assert text == "[S1] a b [S2] c [S1] d" and order == ["B", "A"]
     with pytest.raises(ValueError, match="3 speakers"):
-        tagged_text(turns + [Turn("x", "e", speaker="C")])
+        tagged_text(turns + [TaggedTurn("x", "e", speaker="C")])
 
 
 def test_swapped_whisperd_labels_across_chunks_are_realigned():

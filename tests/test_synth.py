@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from pipeline import synth
+from tools import synth
 
 
 SR = 16000

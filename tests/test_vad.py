@@ -5,12 +5,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipeline import manifests, synth
+from pipeline import manifests
+from tools import synth
 from pipeline.config import parse_config
 from pipeline.runner import run_pipeline
-from pipeline.stages.vad import SR, WINDOW, VadConfig, speech_spans
+from pipeline.backends.vad.silero import SileroVad
+from pipeline.stages.vad import VadConfig, speech_spans
 
-HOP = WINDOW / SR
+HOP = SileroVad.hop
 
 
 def _probs(spans: list[tuple[float, float]], duration: float, level: float = 0.9) -> np.ndarray:
@@ -23,7 +25,7 @@ def _probs(spans: list[tuple[float, float]], duration: float, level: float = 0.9
 def test_hysteresis_padding_and_min_durations():
     cfg = VadConfig(min_silence_duration=0.2, min_speech_duration=0.25, speech_pad=0.05)
     prob = _probs([(1.0, 2.0), (2.1, 3.0), (5.0, 5.1), (6.0, 8.0)], 10.0)
-    spans = speech_spans(prob, 10.0, cfg)
+    spans = speech_spans(prob, 10.0, cfg, HOP)
     # A 0.1 s dip does not end speech; a 0.1 s blip is not speech; pads stay inside the file.
     assert len(spans) == 2
     assert spans[0][0] == pytest.approx(1.0 - 0.05, abs=HOP) and spans[0][1] == pytest.approx(3.0 + 0.05, abs=HOP)
@@ -31,15 +33,15 @@ def test_hysteresis_padding_and_min_durations():
     # Probabilities between the two thresholds keep speech going but never start it.
     mid = _probs([(1.0, 2.0)], 6.0)
     mid[int(2.0 / HOP): int(4.0 / HOP)] = 0.42
-    assert speech_spans(mid, 6.0, cfg)[0][1] == pytest.approx(4.05, abs=HOP)
-    assert speech_spans(np.full(100, 0.42, np.float32), 100 * HOP, cfg) == []
+    assert speech_spans(mid, 6.0, cfg, HOP)[0][1] == pytest.approx(4.05, abs=HOP)
+    assert speech_spans(np.full(100, 0.42, np.float32), 100 * HOP, cfg, HOP) == []
 
 
 def test_long_speech_is_split_at_its_deepest_pause():
     cfg = VadConfig(max_speech_duration=10.0, speech_pad=0.0)
     prob = _probs([(0.0, 25.0)], 25.0)
     prob[int(7.0 / HOP)] = 0.3  # a shallow dip inside the cut window
-    spans = speech_spans(prob, 25.0, cfg)
+    spans = speech_spans(prob, 25.0, cfg, HOP)
     assert all(b - a <= 10.0 + 1e-6 for a, b in spans)
     assert spans[0][1] == pytest.approx(7.0, abs=HOP)
     assert spans[0][0] == 0.0 and spans[-1][1] == pytest.approx(25.0, abs=HOP)

@@ -63,16 +63,12 @@ import numpy as np
 import soundfile as sf
 from pydantic import Field, model_validator
 
-from pipeline.audio import read_span
-from pipeline.backends.asr import SAMPLE_RATE, Word, load_backend
-from pipeline.backends.asr.faster_whisper import FasterWhisperOptions
-from pipeline.backends.asr.funasr import FunAsrOptions
-from pipeline.backends.asr.hf_whisper import HfWhisperOptions
-from pipeline.backends.asr.pocketsphinx import PocketSphinxOptions
-from pipeline.backends.asr.whisper import WhisperOptions
+from pipeline.audio import ANALYSIS_SR, read_span
+from pipeline.backends import BackendSections
+from pipeline.backends.asr import BACKENDS, Word
+from pipeline.manifests import Span, Turn, Utterance
 from pipeline.stage import Resources, Stage, StageConfig
 
-BackendName = Literal["faster-whisper", "whisper", "hf-whisper", "funasr", "pocketsphinx"]
 NO_DIARIZATION_SPEAKER = "SPEAKER_00"
 MIN_TURN = 0.1  # seconds; shorter turns hold no word
 MIN_LID_TURN = 1.0  # seconds; shorter turns take the recording's language
@@ -80,15 +76,20 @@ GROUP_SECONDS = 600.0  # audio held in memory per round of model calls (~38 MB)
 NO_SPACE_LANGUAGES = {"zh", "ja", "yue", "th", "lo", "my", "bo"}
 
 
-class AsrConfig(StageConfig):
-    language_id: Literal["fixed", "whisper", "hf-whisper", "faster-whisper"] = Field(
+class AsrConfig(StageConfig, BackendSections):
+    """Plus one section per registered backend (``faster_whisper:``, ``whisper:``, ...)."""
+
+    registry = BACKENDS
+    backend_fields = {"backends": (), "language_id": ("fixed",)}
+
+    language_id: str = Field(
         "fixed", description="where the language comes from: the config, or a Whisper backend's model")
     language: str = Field("en", description="language of every turn when language_id is fixed")
     languages: list[str] | None = Field(
         None, description="recordings identified as another language are rejected (null: keep all)")
     turn_language_threshold: float = Field(
         0.8, ge=0, le=1, description="probability a region or turn needs to keep its own language")
-    backends: dict[str, BackendName] = Field(
+    backends: dict[str, str] = Field(
         default_factory=lambda: {"default": "faster-whisper"},
         description="language -> backend; 'default' serves every other language")
     attribution: Literal["words", "turns"] = Field(
@@ -103,21 +104,19 @@ class AsrConfig(StageConfig):
                                "VAD pads 0.4 s: Whisper expects some silence around speech)")
     max_chunk_seconds: float = Field(
         29.0, ge=2, description="longest piece per model item (also capped by each backend's window)")
-    faster_whisper: FasterWhisperOptions = FasterWhisperOptions()
-    whisper: WhisperOptions = WhisperOptions()
-    hf_whisper: HfWhisperOptions = HfWhisperOptions()
-    funasr: FunAsrOptions = FunAsrOptions()
-    pocketsphinx: PocketSphinxOptions = PocketSphinxOptions()
 
     @model_validator(mode="after")
     def _check(self) -> "AsrConfig":
         if "default" not in self.backends:
             raise ValueError("backends needs a 'default' entry (the backend of every language not listed)")
+        if self.language_id != "fixed" and getattr(self.backend_class(self.language_id), "can_identify_language",
+                                                    True) is False:
+            raise ValueError(f"language_id: the {self.language_id} backend does not identify languages")
         return self
 
 
 @dataclass
-class _Turn:
+class _Unit:
     """A unit of transcription: a diarization turn, or (words mode, speaker None) one piece of a
     speech region."""
     row: int
@@ -139,15 +138,16 @@ class AsrStage(Stage):
     manifest = "asr"
     version = "2"
     default_resources = Resources(num_cpus=1, num_gpus=0, batch_size=2, concurrency=1)
+    needs = ("audio_path", "speech", "turns")  # turns: used when a diarization stage ran
+    adds = ("language", "language_probability", "utterances")
 
-    def __init__(self, config: AsrConfig, ctx):
-        super().__init__(config, ctx)
+    def setup(self):
+        config, ctx = self.config, self.ctx
         names = set(config.backends.values())
         if config.language_id != "fixed":
             names.add(config.language_id)
         # One model per backend, shared by the languages it serves and by language identification.
-        self.models = {n: load_backend(n, getattr(config, n.replace("-", "_")), ctx.device, ctx.num_threads)
-                       for n in sorted(names)}
+        self.models = {n: config.build_backend(n, ctx.device, ctx.num_threads) for n in sorted(names)}
         self.lid = self.models.get(config.language_id)
         if self.lid is not None and not self.lid.can_identify_language:
             raise ValueError(f"stages.asr.language_id: the {config.language_id} model has no language tokens")
@@ -161,7 +161,7 @@ class AsrStage(Stage):
 
     def process(self, rows):
         out = [dict(r) for r in rows]
-        by_row: dict[int, list[_Turn]] = {}
+        by_row: dict[int, list[_Unit]] = {}
         for i, row in enumerate(out):
             try:
                 units = self.plan(row, i, regions=self.config.attribution == "words")
@@ -210,7 +210,7 @@ class AsrStage(Stage):
                 row.update(status="rejected", reason=f"no words recognised in {len(units)} {what} ({total:.1f} s)")
         return out
 
-    def _turns_instead(self, row: dict, index: int, regions: list[_Turn]) -> list[_Turn]:
+    def _turns_instead(self, row: dict, index: int, regions: list[_Unit]) -> list[_Unit]:
         """Per-turn units for a recording whose backend has no word times; each turn takes the
         language of the region it overlaps most (identification already ran on the regions)."""
         turns = self.plan(row, index, regions=False)
@@ -220,7 +220,7 @@ class AsrStage(Stage):
             t.backend = self.backend_for(t.language)
         return turns
 
-    def _identify_languages(self, out: list[dict], by_row: dict[int, list[_Turn]]) -> None:
+    def _identify_languages(self, out: list[dict], by_row: dict[int, list[_Unit]]) -> None:
         """Set each unit's language and each row's language/language_probability; reject rows
         whose language is not wanted."""
         cfg = self.config
@@ -243,10 +243,10 @@ class AsrStage(Stage):
                 out[i].update(status="rejected", utterances=[],
                               reason=f"language {lang}{p} not in languages {cfg.languages}")
 
-    def _transcribe(self, turns: list[_Turn]) -> None:
+    def _transcribe(self, turns: list[_Unit]) -> None:
         """Fill every unit's piece texts (and words): pieces grouped by (backend, language),
         several per call."""
-        groups: dict[tuple[str, str], list[tuple[_Turn, int]]] = {}
+        groups: dict[tuple[str, str], list[tuple[_Unit, int]]] = {}
         for t in turns:
             n = len(t.pieces)
             t.texts, t.confs, t.words = [""] * n, [None] * n, [[] for _ in range(n)]
@@ -260,20 +260,16 @@ class AsrStage(Stage):
                 t.words[k] = [Word(round(a + w.start, 3), round(a + w.end, 3), w.text, w.probability)
                               for w in (tr.words or [])]
 
-    def plan(self, row: dict, index: int, regions: bool) -> list[_Turn]:
+    def plan(self, row: dict, index: int, regions: bool) -> list[_Unit]:
         """The units of one recording (speech regions, else turns), each cut into pieces no
         longer than the window."""
-        path = row.get("audio_path")
-        if not path:
-            raise ValueError("row has no audio_path (run ingest first)")
+        path = row["audio_path"]
         info = sf.info(path)
-        if info.samplerate != SAMPLE_RATE or info.channels != 1:
+        if info.samplerate != ANALYSIS_SR or info.channels != 1:
             raise ValueError(f"{path}: expected the 16 kHz mono cache, got {info.samplerate} Hz, {info.channels} ch")
         duration = info.frames / info.samplerate
         speech = row.get("speech")
         raw_turns = row.get("turns")
-        if raw_turns is None and speech is None:
-            raise ValueError("row has neither 'turns' (diarization) nor 'speech' (vad): run vad before asr")
         spans = sorted((float(s["start"]), float(s["end"])) for s in (speech or []))
         gaps = [(a[1], b[0]) for a, b in zip(spans, spans[1:]) if b[0] > a[1]]
         quiet = lambda lo, hi: quietest_point(path, lo, hi)  # noqa: E731
@@ -284,7 +280,7 @@ class AsrStage(Stage):
             # Each piece of a region is its own unit: its language is identified on all of it.
             regions = speech_regions([(a, b) for a, b in clipped if b - a >= MIN_TURN], self.config.region_gap)
             for a, b in pad_regions(regions, self.config.region_pad, duration):
-                units += [_Turn(index, path, p, q, None, [(p, q)]) for p, q in split_turn(a, b, self.window, gaps, quiet)]
+                units += [_Unit(index, path, p, q, None, [(p, q)]) for p, q in split_turn(a, b, self.window, gaps, quiet)]
             return units
         if raw_turns is None:
             raw_turns = [{"start": a, "end": b, "speaker": NO_DIARIZATION_SPEAKER} for a, b in spans]
@@ -292,10 +288,10 @@ class AsrStage(Stage):
             a, b = max(0.0, float(t["start"])), min(duration, float(t["end"]))
             if b - a < MIN_TURN:
                 continue
-            units.append(_Turn(index, path, a, b, str(t["speaker"]), split_turn(a, b, self.window, gaps, quiet)))
+            units.append(_Unit(index, path, a, b, str(t["speaker"]), split_turn(a, b, self.window, gaps, quiet)))
         return sorted(units, key=lambda t: (t.start, t.end))
 
-    def _run(self, fn, owners: list[_Turn], spans: list[tuple[float, float]]) -> list:
+    def _run(self, fn, owners: list[_Unit], spans: list[tuple[float, float]]) -> list:
         """fn over the audio of ``spans``, read and passed in groups of bounded total length."""
         results: list = []
         group: list[np.ndarray] = []
@@ -314,7 +310,7 @@ class AsrStage(Stage):
         return results
 
 
-def mean_confidence(utts: list[dict]) -> float | None:
+def mean_confidence(utts: list[Utterance]) -> float | None:
     """Mean confidence over the words of a recording (utterances weighted by their word count)."""
     scored = [(len(u["text"].split()), u["confidence"]) for u in utts if u.get("confidence") is not None]
     n = sum(k for k, _ in scored)
@@ -342,7 +338,7 @@ def speech_regions(spans: list[tuple[float, float]], max_gap: float) -> list[tup
     return [(a, b) for a, b in out]
 
 
-def word_speakers(words: list[tuple[float, float]], turns: list[dict]) -> list[str]:
+def word_speakers(words: list[tuple[float, float]], turns: list[Turn]) -> list[str]:
     """The diarization speaker of each (start, end) word: see the module docstring."""
     full = [(float(t["start"]), float(t["end"]), str(t["speaker"])) for t in turns]
     out = []
@@ -364,7 +360,7 @@ def word_speakers(words: list[tuple[float, float]], turns: list[dict]) -> list[s
     return out
 
 
-def attribute_words(regions: list[_Turn], turns: list[dict] | None, speech: list[dict] | None) -> list[dict]:
+def attribute_words(regions: list[_Unit], turns: list[Turn] | None, speech: list[Span] | None) -> list[Utterance]:
     """Utterances from the regions' words: runs of one speaker inside one VAD span."""
     words = [(w, r.language) for r in regions for ws in r.words for w in ws]
     if not words:
@@ -404,7 +400,7 @@ def attribute_words(regions: list[_Turn], turns: list[dict] | None, speech: list
     return sorted(utts, key=lambda u: (u["start"], u["end"]))
 
 
-def _word_utterance(words: list[tuple[Word, str]], speaker: str) -> dict:
+def _word_utterance(words: list[tuple[Word, str]], speaker: str) -> Utterance:
     lang = max({lg for _, lg in words}, key=[lg for _, lg in words].count)
     sep = "" if (lang or "") in NO_SPACE_LANGUAGES else " "
     return {"start": round(words[0][0].start, 3), "end": round(max(w.end for w, _ in words), 3), "speaker": speaker,
@@ -412,7 +408,7 @@ def _word_utterance(words: list[tuple[Word, str]], speaker: str) -> dict:
             "confidence": round(float(np.mean([w.probability for w, _ in words])), 4)}
 
 
-def _utterance(t: _Turn) -> dict | None:
+def _utterance(t: _Unit) -> Utterance | None:
     sep = "" if (t.language or "") in NO_SPACE_LANGUAGES else " "
     text = sep.join(x.strip() for x in t.texts if x and x.strip()).strip()
     if not text:

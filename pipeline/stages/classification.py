@@ -17,14 +17,13 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict
-from typing import Literal
 
 from pydantic import Field, model_validator
 
-from pipeline.backends.llm import Classifier, PromptConfig, Verdict, load_backend
-from pipeline.backends.llm.heuristic import HeuristicClassifier, HeuristicConfig, judge, speaker_reason, turn_stats
-from pipeline.backends.llm.transformers import TransformersConfig
-from pipeline.backends.llm.vllm import VllmConfig
+from pipeline.backends import BackendSections
+from pipeline.backends.llm import BACKENDS
+from pipeline.backends.llm.base import Classifier, PromptConfig, Verdict
+from pipeline.backends.llm.heuristic import judge, speaker_reason, turn_stats
 from pipeline.scores import ScoreStore, key_of, scoring_fingerprint
 from pipeline.stage import Resources, Stage, StageConfig
 
@@ -34,23 +33,27 @@ _SEEN = ("turns", "exclusive_turns", "overlaps", "utterances", "num_speakers", "
          "overlap_ratio", "duration", "language", "speech_duration")
 
 
-class ClassificationConfig(StageConfig):
-    # ray-llm: vLLM through Ray's batch LLM engine (ray.data.llm), configured by the vllm section.
-    backend: Literal["heuristic", "transformers", "vllm", "ray-llm"] = "heuristic"
+class ClassificationConfig(StageConfig, BackendSections):
+    """Plus one section per registered backend (``heuristic:``, ``transformers:``, ``vllm:``; ray-llm,
+    vLLM through Ray's batch LLM engine (ray.data.llm), is configured by the vllm section)."""
+
+    registry = BACKENDS
+
+    backend: str = "heuristic"
     threshold: float = Field(0.5, ge=0, le=1, description="dialogue_score that makes a dialogue")
     prefilter: bool = Field(True, description="LLM backends: reject by diarization speaker count before the LLM")
-    heuristic: HeuristicConfig = HeuristicConfig()
     prompt: PromptConfig = PromptConfig()
-    transformers: TransformersConfig = TransformersConfig()
-    vllm: VllmConfig = VllmConfig()
 
     @model_validator(mode="after")
     def _gpus(self) -> "ClassificationConfig":
-        if self.backend in ("vllm", "ray-llm"):
+        # A backend that shards its model over GPUs (vLLM) needs that many GPUs per worker.
+        tp = getattr(self.options(self.backend), "tensor_parallel_size", None)
+        if tp:
             gpus = self.resources.num_gpus if self.resources else 0
-            if gpus < self.vllm.tensor_parallel_size:
-                raise ValueError(f"backend {self.backend} needs resources.num_gpus >= vllm.tensor_parallel_size "
-                                 f"({self.vllm.tensor_parallel_size}), got {gpus}")
+            if gpus < tp:
+                section = self.registry.section(self.backend)
+                raise ValueError(f"backend {self.backend} needs resources.num_gpus >= {section}.tensor_parallel_size "
+                                 f"({tp}), got {gpus}")
         return self
 
 
@@ -61,21 +64,35 @@ class ClassificationStage(Stage):
     # The backends' verdicts are stored (pipeline/scores.py); these only decide what they mean.
     thresholds = ("threshold", "prefilter")
     default_resources = Resources(num_cpus=1, num_gpus=0, batch_size=8, concurrency=1)
+    needs = ("turns",)
+
+    @classmethod
+    def row_needs(cls, config):
+        # An LLM reads the transcript; its speaker-count prefilter reads the turns when there are.
+        return cls.needs if config.backend == "heuristic" else ("turns", "utterances")
+    adds = ("is_dialogue", "dialogue_score", "backend", "model", "prompt_version", "answer")
 
     def __init__(self, config: ClassificationConfig, ctx, backend: Classifier | None = None):
         """``backend`` replaces the configured one (tests; a caller that already holds a model)."""
+        self.backend = backend
+        self._given = backend is not None
         super().__init__(config, ctx)
-        self.heuristic = HeuristicClassifier(config.heuristic)
-        if backend is not None:
-            self.backend = backend
+
+    def setup(self):
+        config, ctx = self.config, self.ctx
+        self.heuristic = config.build_backend("heuristic")  # the speaker-count prefilter of LLM backends
+        if self.backend is not None:
+            pass
         elif config.backend == "heuristic":
             self.backend = self.heuristic
         else:
-            kind_cfg = getattr(config, "vllm" if config.backend == "ray-llm" else config.backend)
-            self.backend = load_backend(config.backend, kind_cfg, config.prompt, ctx.device)
+            # LLM backends show the transcript as the stage's prompt section says.
+            wants_prompt = "prompt" in config.backend_class(config.backend).Options.model_fields
+            self.backend = config.build_backend(config.backend, ctx.device, ctx.num_threads,
+                                                **({"prompt": config.prompt} if wants_prompt else {}))
         self.is_llm = self.backend is not self.heuristic
         # A backend handed in by the caller is not described by the config: its verdicts are not stored.
-        self.store = None if backend is not None else \
+        self.store = None if self._given else \
             ScoreStore(ctx.output_dir, ctx.name, scoring_fingerprint(type(self), config))
 
     def process(self, rows):
@@ -103,8 +120,6 @@ class ClassificationStage(Stage):
     def _precheck(self, row: dict) -> dict | None:
         """A finished row when the recording needs no backend call, else None."""
         if self.is_llm:
-            if "utterances" not in row:
-                return self._failed(row, "classification needs the ASR 'utterances': run the asr stage before it")
             if not any(str(u.get("text") or "").strip() for u in row["utterances"] or []):
                 return self._result(row, "rejected", "not_dialogue: empty transcript", self.backend, score=0.0)
             if self.config.prefilter:
@@ -115,9 +130,6 @@ class ClassificationStage(Stage):
                     score, _ = judge(st, self.config.heuristic)
                     return self._result(row, "rejected", f"not_dialogue: {why}", self.heuristic, score=score,
                                         answer=json.dumps(asdict(st)))
-        elif row.get("turns") is None:
-            return self._failed(row, "classification needs the diarization 'turns': "
-                                     "run the diarization stage before it")
         return None
 
     def _apply(self, row: dict, v: Verdict, backend: Classifier) -> dict:
@@ -145,6 +157,3 @@ class ClassificationStage(Stage):
                     dialogue_score=None if score is None else round(float(score), 4),
                     backend=backend.name, model=backend.model, prompt_version=backend.prompt_version,
                     answer=None if answer is None else answer[:MAX_ANSWER_CHARS])
-
-    def _failed(self, row: dict, reason: str) -> dict:
-        return self._result(row, "failed", reason, self.backend)

@@ -4,7 +4,7 @@ Two backends (pipeline/backends/diarization/): ``embedded`` (offline, CPU-friend
 embeddings of windows inside the VAD spans, agglomerative clustering, Viterbi turns; reports no
 overlaps) and ``pyannote`` (pyannote.audio 4.x, community-1 from the hub or a local copy; finds
 overlaps).
-Each has its own settings block; only the block of the chosen backend is used.
+Each has its own options section; only the section of the chosen backend is used.
 
 Rejected: recordings with less VAD speech than ``min_speech`` seconds, and recordings in which
 the backend finds no speaker turn. Errors on one recording make that row ``failed``.
@@ -12,23 +12,22 @@ the backend finds no speaker turn. Errors on one recording make that row ``faile
 
 from __future__ import annotations
 
-from typing import Literal
-
 from pydantic import Field, model_validator
 
-from pipeline.backends.diarization import load_backend, row_fields
-from pipeline.backends.diarization.embedded import EmbeddedSettings
-from pipeline.backends.diarization.pyannote import PyannoteSettings
+from pipeline.backends import BackendSections
+from pipeline.backends.diarization import BACKENDS, row_fields
 from pipeline.stage import Resources, Stage, StageConfig
 
 
-class DiarizationConfig(StageConfig):
-    backend: Literal["embedded", "pyannote"] = "embedded"
+class DiarizationConfig(StageConfig, BackendSections):
+    """Plus one section per registered backend (``embedded:``, ``pyannote:``)."""
+
+    registry = BACKENDS
+
+    backend: str = "embedded"
     min_speakers: int = Field(1, ge=1, description="fewest speakers a recording is given")
     max_speakers: int | None = Field(4, ge=1, description="most speakers a recording is given (null: no bound)")
     min_speech: float = Field(1.0, ge=0, description="seconds of VAD speech needed; recordings with less are rejected")
-    embedded: EmbeddedSettings = EmbeddedSettings()
-    pyannote: PyannoteSettings = PyannoteSettings()
 
     @model_validator(mode="after")
     def _bounds(self) -> "DiarizationConfig":
@@ -45,11 +44,12 @@ class DiarizationStage(Stage):
     manifest = "diarization"
     version = "1"
     default_resources = Resources(num_cpus=1, num_gpus=0, batch_size=4, concurrency=1)
+    needs = ("audio_path", "duration", "speech")
+    adds = ("turns", "exclusive_turns", "overlaps", "num_speakers", "speaker_durations", "overlap_ratio")
 
-    def __init__(self, config: DiarizationConfig, ctx):
-        super().__init__(config, ctx)
-        settings = getattr(config, config.backend)
-        self.diarizer = load_backend(config.backend)(settings, device=ctx.device, num_threads=ctx.num_threads)
+    def setup(self):
+        config, ctx = self.config, self.ctx
+        self.diarizer = config.build_backend(config.backend, ctx.device, ctx.num_threads)
 
     def process(self, rows):
         return [self._one(r) for r in rows]

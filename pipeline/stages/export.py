@@ -18,13 +18,12 @@ import numpy as np
 import soundfile as sf
 from pydantic import Field, field_validator
 
-from pipeline import corpus
+from pipeline import corpus, manifests
 from pipeline.atomic import atomic_write
 from pipeline.audio import read_source_span, sanitize
-from pipeline.config import LANGUAGE_CODE
 from pipeline.inputs import fs_path
 from pipeline.scores import key_of
-from pipeline.stage import Resources, Stage, StageConfig
+from pipeline.stage import LANGUAGE_CODE, Resources, Stage, StageConfig
 
 SUFFIX = {"mp3": ".mp3", "flac": ".flac", "wav": ".wav"}
 
@@ -75,7 +74,8 @@ class ExportStage(Stage):
     manifest = "export"
     version = "2"  # audio into the store, the corpus built at the end of the run
     default_resources = Resources(num_cpus=1, batch_size=4, concurrency=(1, 2))
-    stateful = False
+    needs = ("source_path", "segments")
+    adds = ()  # segments: path, status, reason
 
     def process(self, rows):
         cfg = self.config
@@ -120,8 +120,6 @@ class ExportStage(Stage):
 
     @classmethod
     def finalize(cls, config: ExportConfig, output_dir: Path) -> None:
-        from pipeline import manifests
-
         try:
             manifests.read_manifest(output_dir, "export", "export")
         except manifests.ManifestError:

@@ -28,8 +28,9 @@ class IngestStage(Stage):
     manifest = "recordings"
     version = "2"
     # Decoding is CPU work with no model: plain tasks, several files per task.
-    stateful = False
     default_resources = Resources(num_cpus=1, batch_size=4, concurrency=(1, 8))
+    needs = ("source_path",)
+    adds = ("format", "codec", "sample_rate", "channels", "duration", "num_bytes", "audio_path")
 
     def process(self, rows):
         return [self._one(r) for r in rows]

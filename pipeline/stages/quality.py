@@ -28,11 +28,13 @@ class QualityStage(Stage):
     version = "1"
     thresholds = ("min_ovrl", "min_sig", "min_bak")
     default_resources = Resources(num_cpus=1, batch_size=4, concurrency=1)
+    needs = ("audio_path", "segments")
+    adds = ()  # segments: dnsmos_ovrl, dnsmos_sig, dnsmos_bak, status, reason
 
-    def __init__(self, config: QualityConfig, ctx):
-        super().__init__(config, ctx)
-        self._dnsmos = None  # loaded on the first segment without a stored score
-        self.store = ScoreStore(ctx.output_dir, ctx.name, scoring_fingerprint(type(self), config))
+    def setup(self):
+        # An actor: the DNSMOS model is loaded on the first segment without a stored score.
+        self._dnsmos = None
+        self.store = ScoreStore(self.ctx.output_dir, self.ctx.name, scoring_fingerprint(type(self), self.config))
 
     @property
     def dnsmos(self):

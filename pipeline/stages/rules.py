@@ -11,7 +11,11 @@ import math
 from collections import Counter
 
 from filters.rules import RulesConfig, apply_rules
-from pipeline.stage import Resources, Stage
+from pipeline.stage import Resources, Stage, StageConfig
+
+
+class RulesStageConfig(StageConfig, RulesConfig):
+    """The rules' thresholds as a stage section (with ``uses`` and ``resources``)."""
 
 
 def _finite(metrics: dict) -> dict:
@@ -20,20 +24,18 @@ def _finite(metrics: dict) -> dict:
 
 
 class RulesStage(Stage):
-    Config = RulesConfig
+    Config = RulesStageConfig
     manifest = "rules"
     version = "2"  # metrics as a struct
-    stateful = False  # no model: plain Ray tasks
     default_resources = Resources(num_cpus=0.5, batch_size=32, concurrency=2)
+    needs = ("segments",)
+    adds = ()  # segments: status, reason, metrics
 
     def process(self, rows):
         return [self._recording(r) for r in rows]
 
     def _recording(self, row: dict) -> dict:
-        segments = row.get("segments")
-        if not isinstance(segments, list):
-            return dict(row, status="failed",
-                        reason="rules: the row has no 'segments' list (run the segments stage before rules)")
+        segments = row["segments"]
         out, failed = [], Counter()
         checked = 0
         for seg in segments:

@@ -62,9 +62,11 @@ class SegmentStage(Stage):
     manifest = "segments"
     version = "1"
     default_resources = Resources(num_cpus=1, batch_size=2, concurrency=1)
+    needs = ("audio_path", "speech", "turns", "utterances", "language")
+    adds = ("segments",)
 
-    def __init__(self, config: SegmentsConfig, ctx):
-        super().__init__(config, ctx)
+    def setup(self):
+        # WhisperD models load on first use, per language; the worker keeps them.
         self._whisperd: dict[str, object] = {}
 
     # -------------------------------------------------------------------------- per recording

@@ -1,28 +1,20 @@
-"""VAD: speech spans per recording with silero-vad (the ONNX model that ships in the package).
-
-The model is stepped over 32 ms windows of several recordings at once (one "lane" per recording,
-each with its own recurrent state), streaming each file block by block: memory does not grow with
-file length and the per-call overhead of the small model is shared by the lanes.
-"""
+"""VAD: speech spans per recording, from a VAD backend's window probabilities (default: silero-vad,
+``pipeline/backends/vad/silero.py``)."""
 
 from __future__ import annotations
 
-import os
-from typing import Literal
-
 import numpy as np
-import soundfile as sf
 from pydantic import Field, model_validator
 
+from pipeline.backends import BackendSections
+from pipeline.backends.vad import BACKENDS
 from pipeline.stage import Resources, Stage, StageConfig
 
-SR = 16000
-WINDOW = 512  # samples per model step at 16 kHz (32 ms)
-CONTEXT = 64  # samples of the previous window the model sees
 
+class VadConfig(StageConfig, BackendSections):
+    registry = BACKENDS
 
-class VadConfig(StageConfig):
-    backend: Literal["silero"] = "silero"
+    backend: str = "silero"
     threshold: float = Field(0.5, gt=0, lt=1, description="speech probability that starts speech")
     neg_threshold: float | None = Field(None, gt=0, lt=1, description="probability under which speech may end (default threshold - 0.15)")
     min_speech_duration: float = Field(0.25, ge=0, description="seconds; shorter speech is dropped")
@@ -38,72 +30,8 @@ class VadConfig(StageConfig):
         return self
 
 
-class SileroOnnx:
-    """Batched streaming speech probabilities from silero's ONNX model."""
-
-    def __init__(self, num_threads: int = 1, providers: list[str] | None = None):
-        import onnxruntime as ort
-        import silero_vad
-
-        path = os.path.join(os.path.dirname(silero_vad.__file__), "data", "silero_vad.onnx")
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = num_threads
-        opts.inter_op_num_threads = 1
-        self.session = ort.InferenceSession(path, opts, providers=providers or ["CPUExecutionProvider"])
-        self._sr = np.array(SR, dtype=np.int64)
-
-    def probabilities(self, paths: list[str], block_seconds: float = 30.0) -> list[np.ndarray]:
-        """Speech probability of every 32 ms window of each 16 kHz mono file."""
-        n = len(paths)
-        files = [sf.SoundFile(p) for p in paths]
-        try:
-            for f, p in zip(files, paths):
-                if f.samplerate != SR or f.channels != 1:
-                    raise ValueError(f"{p}: VAD needs 16 kHz mono audio (got {f.samplerate} Hz, {f.channels} ch)")
-            probs: list[list[np.ndarray]] = [[] for _ in range(n)]
-            state = np.zeros((2, n, 128), np.float32)
-            context = np.zeros((n, CONTEXT), np.float32)
-            block = int(block_seconds * SR) // WINDOW * WINDOW
-            alive = np.ones(n, bool)
-            while alive.any():
-                blocks = []
-                for i, f in enumerate(files):
-                    data = f.read(block, dtype="float32") if alive[i] else np.zeros(0, np.float32)
-                    if len(data) < block:
-                        alive[i] = False
-                    blocks.append(data)
-                steps = max(-(-len(b) // WINDOW) for b in blocks)
-                if steps == 0:
-                    break
-                x = np.zeros((n, steps * WINDOW), np.float32)
-                for i, b in enumerate(blocks):
-                    x[i, : len(b)] = b
-                lens = np.array([-(-len(b) // WINDOW) for b in blocks])
-                out = np.zeros((n, steps), np.float32)
-                for s in range(steps):
-                    # Lanes whose file has ended drop out instead of stepping over padding.
-                    act = np.flatnonzero(lens > s)
-                    full = len(act) == n
-                    ctx = context if full else context[act]
-                    st = state if full else state[:, act]
-                    chunk = np.concatenate([ctx, x[act, s * WINDOW:(s + 1) * WINDOW]], axis=1)
-                    p, st = self.session.run(None, {"input": chunk, "state": st, "sr": self._sr})
-                    out[act, s] = p[:, 0]
-                    if full:
-                        state, context = st, chunk[:, -CONTEXT:]
-                    else:
-                        state[:, act], context[act] = st, chunk[:, -CONTEXT:]
-                for i, b in enumerate(blocks):
-                    probs[i].append(out[i, : -(-len(b) // WINDOW)])
-            return [np.concatenate(p) if p else np.zeros(0, np.float32) for p in probs]
-        finally:
-            for f in files:
-                f.close()
-
-
-def speech_spans(prob: np.ndarray, duration: float, cfg: VadConfig) -> list[tuple[float, float]]:
-    """Hysteresis on window probabilities -> padded speech spans in seconds."""
-    hop = WINDOW / SR
+def speech_spans(prob: np.ndarray, duration: float, cfg: VadConfig, hop: float) -> list[tuple[float, float]]:
+    """Hysteresis on window probabilities (one per ``hop`` seconds) -> padded speech spans in seconds."""
     on, off = cfg.threshold, cfg.neg_threshold if cfg.neg_threshold is not None else max(0.01, cfg.threshold - 0.15)
     spans: list[list[float]] = []
     start = None
@@ -155,17 +83,18 @@ class VadStage(Stage):
     manifest = "vad"
     version = "1"
     default_resources = Resources(num_cpus=1, batch_size=8, concurrency=1)
+    needs = ("audio_path", "duration")
+    adds = ("speech", "speech_duration", "num_segments")
 
-    def __init__(self, config: VadConfig, ctx):
-        super().__init__(config, ctx)
-        providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if ctx.device == "cuda" else None
-        self.model = SileroOnnx(ctx.num_threads, providers)
+    def setup(self):
+        config, ctx = self.config, self.ctx
+        self.model = config.build_backend(config.backend, ctx.device, ctx.num_threads)
 
     def process(self, rows):
         probs = self.model.probabilities([r["audio_path"] for r in rows])
         out = []
         for row, prob in zip(rows, probs):
-            spans = speech_spans(prob, row["duration"], self.config)
+            spans = speech_spans(prob, row["duration"], self.config, self.model.hop)
             total = round(sum(b - a for a, b in spans), 3)
             r = dict(row, speech=[{"start": a, "end": b} for a, b in spans], speech_duration=total,
                      num_segments=len(spans), status="ok", reason=None)

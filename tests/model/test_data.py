@@ -1,7 +1,7 @@
 """Training data: manifest readers, duration filter and dev split, bucketing sampler (caps,
 mixing, resume, DDP sharding), resumable feature store, stereo feature layout, batch padding.
 
-The helpers at the top build an OpenDialog-layout corpus from `pipeline.synth` dialogues; the
+The helpers at the top build an OpenDialog-layout corpus from `tools.synth` dialogues; the
 trainer tests import them."""
 
 import gzip
@@ -33,7 +33,7 @@ from model.data import (
 )
 from model.features import FEAT_SCALE, VocosFbank, load_audio
 from model.tokenizer import build_espeak_token_table, get_tokenizer, write_tokens
-from pipeline.synth import Voice, synth_dialogue, write_audio
+from tools.synth import Voice, synth_dialogue, write_audio
 
 # Fast espeak voices keep the generated dialogues at 4-8 s (tiny training steps on CPU).
 FAST_VOICES = [Voice("en-us+m3", 40, 330), Voice("en-us+f3", 68, 350, "female")]

@@ -29,7 +29,8 @@ from pathlib import Path
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from pipeline.backends.asr import SAMPLE_RATE, Transcript, Word, as_float32, batches, looks_like_path
+from pipeline.audio import ANALYSIS_SR
+from pipeline.backends.asr.base import Transcript, Word, as_float32, batches, looks_like_path
 from pipeline.backends.hub import is_local, local_path, model_not_found
 
 # name -> (pip package providing it, SHA-256 of its model.bin). Pinned with the package version
@@ -76,8 +77,8 @@ class FasterWhisperBackend:
     def transcribe(self, audios: list[np.ndarray], language: str | None = None) -> list[Transcript]:
         xs = [as_float32(a) for a in audios]
         for x in xs:
-            if len(x) > self.max_seconds * SAMPLE_RATE + 1:
-                raise ValueError(f"faster-whisper: {len(x) / SAMPLE_RATE:.1f} s item exceeds its 30 s window")
+            if len(x) > self.max_seconds * ANALYSIS_SR + 1:
+                raise ValueError(f"faster-whisper: {len(x) / ANALYSIS_SR:.1f} s item exceeds its 30 s window")
         if not self.can_identify_language:
             language = "en"  # English-only weights decode everything as English
         if self.batched is None:
@@ -94,12 +95,12 @@ class FasterWhisperBackend:
     def _one(self, x: np.ndarray, language: str | None) -> Transcript:
         segments, _ = self.model.transcribe(x, language=language, without_timestamps=False, **self._common())
         words = [w for s in segments for w in (s.words or [])]
-        return _transcript(words, 0.0, len(x) / SAMPLE_RATE)
+        return _transcript(words, 0.0, len(x) / ANALYSIS_SR)
 
     def _batch(self, xs: list[np.ndarray], language: str | None) -> list[Transcript]:
         """One batched call: the items laid end to end, each its own clip (so its own window)."""
         offsets = np.cumsum([0] + [len(x) for x in xs])
-        clips = [{"start": a / SAMPLE_RATE, "end": b / SAMPLE_RATE} for a, b in zip(offsets, offsets[1:])]
+        clips = [{"start": a / ANALYSIS_SR, "end": b / ANALYSIS_SR} for a, b in zip(offsets, offsets[1:])]
         segments, _ = self.batched.transcribe(np.concatenate(xs), language=language, clip_timestamps=clips,
                                               batch_size=len(xs), multilingual=language is None, **self._common())
         per_item: list[list] = [[] for _ in xs]

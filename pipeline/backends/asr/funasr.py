@@ -27,7 +27,8 @@ import numpy as np
 import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
-from pipeline.backends.asr import SAMPLE_RATE, Transcript, as_float32, looks_like_path
+from pipeline.audio import ANALYSIS_SR
+from pipeline.backends.asr.base import Transcript, as_float32, looks_like_path
 from pipeline.backends.hub import is_local, local_path, model_not_found
 
 
@@ -130,7 +131,7 @@ class FunAsrBackend:
         batch: list[int] = []
         seconds = 0.0
         for i in order + [None]:
-            dur = len(xs[i]) / SAMPLE_RATE if i is not None else 0.0
+            dur = len(xs[i]) / ANALYSIS_SR if i is not None else 0.0
             if batch and (i is None or seconds + dur > self.options.batch_size_s):
                 for j, t in zip(batch, self._run([xs[j] for j in batch])):
                     out[j] = t

@@ -15,7 +15,8 @@ from __future__ import annotations
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from pipeline.backends.asr import SAMPLE_RATE, Transcript, as_float32, batches, looks_like_path
+from pipeline.audio import ANALYSIS_SR
+from pipeline.backends.asr.base import Transcript, as_float32, batches, looks_like_path
 from pipeline.backends.hub import is_local, local_path, model_not_found
 
 
@@ -61,9 +62,9 @@ class HfWhisperBackend:
         """Log-mel input features of a list of <= 30 s arrays, on the model's device and dtype."""
         xs = [as_float32(a) for a in audios]
         for x in xs:
-            if len(x) > self.max_seconds * SAMPLE_RATE + 1:
-                raise ValueError(f"hf-whisper: {len(x) / SAMPLE_RATE:.1f} s item exceeds its 30 s window")
-        feats = self.processor.feature_extractor(xs, sampling_rate=SAMPLE_RATE, return_tensors="pt")
+            if len(x) > self.max_seconds * ANALYSIS_SR + 1:
+                raise ValueError(f"hf-whisper: {len(x) / ANALYSIS_SR:.1f} s item exceeds its 30 s window")
+        feats = self.processor.feature_extractor(xs, sampling_rate=ANALYSIS_SR, return_tensors="pt")
         return feats.input_features.to(self.device, self.dtype)
 
     def detect_language(self, audios: list[np.ndarray]) -> list[dict[str, float]]:

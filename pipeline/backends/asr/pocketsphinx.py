@@ -13,7 +13,8 @@ import re
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from pipeline.backends.asr import SAMPLE_RATE, Transcript, as_float32
+from pipeline.audio import ANALYSIS_SR
+from pipeline.backends.asr.base import Transcript, as_float32
 from pipeline.backends.hub import is_local, local_path
 
 _ALT = re.compile(r"\(\d+\)$")  # "the(2)": pronunciation variants in word segments
@@ -46,7 +47,7 @@ class PocketSphinxBackend:
                 raise FileNotFoundError(f"pocketsphinx: {key} {value!r} does not exist "
                                         f"(set stages.asr.pocketsphinx.{key} to an existing path or leave it out)")
             kw[arg] = local_path(value)
-        self.decoder = Decoder(samprate=SAMPLE_RATE, loglevel="FATAL", **kw)
+        self.decoder = Decoder(samprate=ANALYSIS_SR, loglevel="FATAL", **kw)
 
     def transcribe(self, audios: list[np.ndarray], language: str | None = None) -> list[Transcript]:
         return [self._one(as_float32(a)) for a in audios]

@@ -15,7 +15,8 @@ import os
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from pipeline.backends.asr import SAMPLE_RATE, Transcript, as_float32, batches
+from pipeline.audio import ANALYSIS_SR
+from pipeline.backends.asr.base import Transcript, as_float32, batches
 from pipeline.backends.hub import is_local, local_path, model_not_found
 
 
@@ -55,8 +56,8 @@ class WhisperBackend:
         mels = []
         for a in audios:
             x = as_float32(a)
-            if len(x) > self.max_seconds * SAMPLE_RATE + 1:
-                raise ValueError(f"whisper: {len(x) / SAMPLE_RATE:.1f} s item exceeds its 30 s window")
+            if len(x) > self.max_seconds * ANALYSIS_SR + 1:
+                raise ValueError(f"whisper: {len(x) / ANALYSIS_SR:.1f} s item exceeds its 30 s window")
             x = whisper.pad_or_trim(torch.from_numpy(x).to(self.device))
             mels.append(whisper.log_mel_spectrogram(x, self.model.dims.n_mels))
         mel = torch.stack(mels)

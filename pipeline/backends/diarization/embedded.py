@@ -27,10 +27,9 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from threadpoolctl import threadpool_limits
 
-from pipeline.audio import read_span
-from pipeline.backends.diarization import Diarization, Turn, merge_turns
+from pipeline.audio import ANALYSIS_SR, read_span
+from pipeline.backends.diarization.base import Diarization, TurnTuple, merge_turns
 
-SR = 16000
 FRAME = 0.01  # resemblyzer's mel hop (10 ms); also the resolution of the output turns
 N_FFT = 400  # 25 ms mel window
 TARGET_DBFS = -30.0  # resemblyzer normalises its training utterances to this level
@@ -38,7 +37,7 @@ MAX_SPEAKERS = 8  # when max_speakers is not set
 MAX_CLUSTERED = 800  # windows clustered at most (spread over the recording); the rest are assigned
 
 
-class EmbeddedSettings(BaseModel):
+class EmbeddedOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     window: float = Field(1.5, ge=0.5, le=6.0, description="seconds of speech behind one speaker embedding")
@@ -50,7 +49,7 @@ class EmbeddedSettings(BaseModel):
     batch_size: int = Field(64, ge=1, description="windows per encoder call")
 
     @model_validator(mode="after")
-    def _hop(self) -> "EmbeddedSettings":
+    def _hop(self) -> "EmbeddedOptions":
         if self.hop > self.window:
             raise ValueError(f"hop ({self.hop}) must not exceed window ({self.window})")
         return self
@@ -67,7 +66,7 @@ def _mel_to_hz(m):
     return np.where(m >= 15.0, 1000.0 * np.exp((np.log(6.4) / 27.0) * (m - 15.0)), m * (200.0 / 3))
 
 
-def mel_filters(sr: int = SR, n_fft: int = N_FFT, n_mels: int = 40) -> np.ndarray:
+def mel_filters(sr: int = ANALYSIS_SR, n_fft: int = N_FFT, n_mels: int = 40) -> np.ndarray:
     """Slaney-normalised triangular filters, equal to librosa.filters.mel's (built here because
     librosa's first call compiles numba code for ~10 s in every fresh worker)."""
     freqs = np.linspace(0, sr / 2, n_fft // 2 + 1)
@@ -79,11 +78,13 @@ def mel_filters(sr: int = SR, n_fft: int = N_FFT, n_mels: int = 40) -> np.ndarra
 
 
 class EmbeddedDiarizer:
-    def __init__(self, settings: EmbeddedSettings | None = None, device: str = "cpu", num_threads: int = 1):
+    Options = EmbeddedOptions
+
+    def __init__(self, options: EmbeddedOptions | None = None, device: str = "cpu", num_threads: int = 1):
         import torch
         from resemblyzer import VoiceEncoder
 
-        self.s = settings or EmbeddedSettings()
+        self.s = options or EmbeddedOptions()
         self.num_threads = num_threads
         self.torch = torch
         self.device = device
@@ -96,7 +97,7 @@ class EmbeddedDiarizer:
     def _mel(self, wav: np.ndarray):
         """(frames, 40) mel power, frame i centred at i * 10 ms (resemblyzer's features)."""
         x = self.torch.from_numpy(wav).to(self.device)
-        spec = self.torch.stft(x, N_FFT, int(SR * FRAME), N_FFT, self.hann, center=True, pad_mode="constant",
+        spec = self.torch.stft(x, N_FFT, int(ANALYSIS_SR * FRAME), N_FFT, self.hann, center=True, pad_mode="constant",
                                return_complex=True).abs() ** 2
         return (self.mel_fb @ spec).T
 
@@ -118,10 +119,10 @@ class EmbeddedDiarizer:
         out: list[tuple[int, np.ndarray]] = []  # (first window index, embeddings)
         pending: list[tuple[int, object]] = []  # full-size windows waiting for a batch
         size = round(self.s.window / FRAME)
-        hop_samples = int(SR * FRAME)
+        hop_samples = int(ANALYSIS_SR * FRAME)
         for si, (a, b) in enumerate(spans):
             wav, sr = read_span(audio_path, a, b)
-            if sr != SR:
+            if sr != ANALYSIS_SR:
                 raise ValueError(f"{audio_path}: diarization needs the 16 kHz analysis copy (got {sr} Hz)")
             if len(wav) < N_FFT:
                 continue
@@ -188,7 +189,7 @@ class EmbeddedDiarizer:
         return Diarization(merge_turns(self.resegment(emb @ centroids.T, index, spans), self.s.merge_gap))
 
     def resegment(self, sim: np.ndarray, index: list[tuple[int, int, int]],
-                  spans: list[tuple[float, float]]) -> list[Turn]:
+                  spans: list[tuple[float, float]]) -> list[TurnTuple]:
         """Turns from window-to-speaker similarities (windows, speakers), span by span.
 
         A frame's score for a speaker is the mean similarity of the windows covering it. The
@@ -196,7 +197,7 @@ class EmbeddedDiarizer:
         minus ``change_penalty`` per speaker change (Viterbi): a short change survives only when
         its evidence is strong, a long one whenever it is consistent. The scores are constant
         between window edges, so the search runs on those pieces and is exact."""
-        turns: list[Turn] = []
+        turns: list[TurnTuple] = []
         by_span: dict[int, list[int]] = {}
         for w, (si, _, _) in enumerate(index):
             by_span.setdefault(si, []).append(w)

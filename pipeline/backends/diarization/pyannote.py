@@ -30,17 +30,16 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 from threadpoolctl import threadpool_limits
 
-from pipeline.audio import read_span
-from pipeline.backends.diarization import Diarization, Turn
+from pipeline.audio import ANALYSIS_SR, read_span
+from pipeline.backends.diarization.base import Diarization, TurnTuple
 from pipeline.backends.hub import is_local, local_path, model_not_found
 
-SR = 16000
 # Before pyannote.audio is first imported (it fixes the default then): no usage telemetry from
 # pipeline workers unless the user asked for it.
 os.environ.setdefault("PYANNOTE_METRICS_ENABLED", "false")
 
 
-class PyannoteSettings(BaseModel):
+class PyannoteOptions(BaseModel):
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
     model: str = Field("pyannote/speaker-diarization-community-1",
@@ -50,7 +49,7 @@ class PyannoteSettings(BaseModel):
     batch_size: int = Field(32, ge=1, description="segmentation and embedding batch size")
 
 
-def load_pipeline(settings: PyannoteSettings):
+def load_pipeline(settings: PyannoteOptions):
     """The pyannote Pipeline named by ``settings.model``, or a clear error."""
     try:
         from pyannote.audio import Pipeline
@@ -85,7 +84,7 @@ _HOW = ("set stages.diarization.pyannote.model to a local pipeline directory (a 
         "repository), or accept the model's conditions on the hub and put a token in ${env}")
 
 
-def annotation_turns(annotation) -> list[Turn]:
+def annotation_turns(annotation) -> list[TurnTuple]:
     return [(float(seg.start), float(seg.end), str(label))
             for seg, _, label in annotation.itertracks(yield_label=True)]
 
@@ -103,10 +102,12 @@ def output_to_diarization(output) -> Diarization:
 
 
 class PyannoteDiarizer:
-    def __init__(self, settings: PyannoteSettings | None = None, device: str = "cpu", num_threads: int = 1):
+    Options = PyannoteOptions
+
+    def __init__(self, options: PyannoteOptions | None = None, device: str = "cpu", num_threads: int = 1):
         import torch
 
-        self.s = settings or PyannoteSettings()
+        self.s = options or PyannoteOptions()
         self.num_threads = num_threads
         self.torch = torch
         self.pipeline = load_pipeline(self.s)
@@ -115,102 +116,11 @@ class PyannoteDiarizer:
     def diarize(self, audio_path: str, speech: list[tuple[float, float]], duration: float,
                 min_speakers: int = 1, max_speakers: int | None = None) -> Diarization:
         wav, sr = read_span(audio_path)
-        if sr != SR:
+        if sr != ANALYSIS_SR:
             raise ValueError(f"{audio_path}: diarization needs the 16 kHz analysis copy (got {sr} Hz)")
         waveform = self.torch.from_numpy(np.ascontiguousarray(wav))[None]
         # numpy/scipy (VBx clustering) get the worker's thread share too (see embedded.py).
         with self.torch.inference_mode(), threadpool_limits(self.num_threads):
-            output = self.pipeline({"waveform": waveform, "sample_rate": SR, "uri": Path(audio_path).stem},
+            output = self.pipeline({"waveform": waveform, "sample_rate": ANALYSIS_SR, "uri": Path(audio_path).stem},
                                    min_speakers=min_speakers, max_speakers=max_speakers)
         return output_to_diarization(output)
-
-
-# ---------------------------------------------------------------------------------------------
-# A pipeline directory with random weights, in the layout of the hub repository: for tests and
-# speed benchmarks on machines without hub access (random weights diarize nothing meaningful).
-
-SIZES = {
-    # PyanNet as in pyannote/segmentation-3.0; WeSpeaker ResNet34 as in community-1.
-    "full": dict(lstm={"hidden_size": 128, "num_layers": 4, "bidirectional": True, "monolithic": True,
-                       "dropout": 0.0},
-                 linear={"hidden_size": 128, "num_layers": 2}, num_mel_bins=80, chunk=10.0, step=0.1,
-                 local_speakers=3),
-    "tiny": dict(lstm={"hidden_size": 16, "num_layers": 1, "bidirectional": True, "monolithic": True,
-                       "dropout": 0.0},
-                 linear={"hidden_size": 16, "num_layers": 1}, num_mel_bins=8, chunk=2.0, step=0.5,
-                 local_speakers=2),
-}
-
-
-def _save_checkpoint(model, path: Path) -> None:
-    import lightning
-    import torch
-
-    ckpt = {"state_dict": model.state_dict(), "hyper_parameters": dict(model.hparams),
-            "pytorch-lightning_version": lightning.__version__}
-    model.on_save_checkpoint(ckpt)  # adds pyannote's versions / architecture / specifications
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(ckpt, path)
-
-
-def write_random_pipeline(out: str | Path, size: str = "tiny", seed: int = 0, speech_bias: float = 3.0) -> Path:
-    """Write ``out/{config.yaml, segmentation/, embedding/, plda/}`` with random weights.
-
-    ``speech_bias`` lifts the segmentation logits of the classes "speaker 1", "speaker 2" and
-    "speakers 1+2" so that the random model labels most frames as speech, some of it
-    overlapped, instead of silence: the whole pipeline (embeddings, clustering, reconstruction,
-    overlaps) then has something to work on."""
-    import torch
-    import yaml
-    from pyannote.audio.core.task import Problem, Resolution, Specifications
-    from pyannote.audio.models.embedding import WeSpeakerResNet34
-    from pyannote.audio.models.segmentation import PyanNet
-
-    cfg = SIZES[size]
-    out = Path(out)
-    torch.manual_seed(seed)
-    seg = PyanNet(lstm=cfg["lstm"], linear=cfg["linear"])
-    seg.specifications = Specifications(
-        problem=Problem.MONO_LABEL_CLASSIFICATION, resolution=Resolution.FRAME, duration=cfg["chunk"],
-        min_duration=cfg["chunk"], warm_up=(0.0, 0.0),
-        classes=[f"speaker#{i + 1}" for i in range(cfg["local_speakers"])],
-        powerset_max_classes=2, permutation_invariant=True)
-    seg.build()
-    with torch.no_grad():
-        # Powerset classes: {}, {1}, {2}, ..., {n}, {1,2}, ...
-        n = cfg["local_speakers"]
-        seg.classifier.bias[[1, 2, n + 1]] += speech_bias
-    _save_checkpoint(seg, out / "segmentation" / "pytorch_model.bin")
-
-    emb = WeSpeakerResNet34(num_mel_bins=cfg["num_mel_bins"])
-    emb.specifications = Specifications(problem=Problem.REPRESENTATION, resolution=Resolution.CHUNK,
-                                        duration=cfg["chunk"], min_duration=0.5)
-    _save_checkpoint(emb, out / "embedding" / "pytorch_model.bin")
-
-    # PLDA from random arrays: centring/whitening/LDA transform, then a PLDA model (see
-    # pyannote.audio.utils.vbx.vbx_setup for the fields).
-    rng = np.random.default_rng(seed)
-    dim, lda_dim = emb.dimension, 128
-    lda = np.linalg.qr(rng.standard_normal((dim, lda_dim)))[0]
-    (out / "plda").mkdir(parents=True, exist_ok=True)
-    np.savez(out / "plda" / "xvec_transform.npz", mean1=rng.standard_normal(dim) * 0.01,
-             mean2=rng.standard_normal(lda_dim) * 0.01, lda=lda)
-    np.savez(out / "plda" / "plda.npz", mu=np.zeros(lda_dim), tr=np.eye(lda_dim),
-             psi=np.sort(rng.uniform(0.5, 5.0, lda_dim))[::-1].copy())
-
-    import pyannote.audio
-
-    config = {
-        "dependencies": {"pyannote.audio": pyannote.audio.__version__},
-        "pipeline": {
-            "name": "pyannote.audio.pipelines.SpeakerDiarization",
-            "params": {"segmentation": "$model/segmentation", "embedding": "$model/embedding",
-                       "plda": "$model/plda", "clustering": "VBxClustering", "segmentation_step": cfg["step"],
-                       "embedding_exclude_overlap": True, "segmentation_batch_size": 32,
-                       "embedding_batch_size": 32},
-        },
-        "params": {"segmentation": {"min_duration_off": 0.0},
-                   "clustering": {"threshold": 0.6, "Fa": 0.07, "Fb": 0.8}},
-    }
-    (out / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
-    return out

@@ -15,7 +15,7 @@ Statistics:
 * overlap ratio: share of speech where two or more speakers talk at once;
 * speech ratio: speech / recording duration.
 
-Gates (config, defaults in ``HeuristicConfig``): the number of main speakers in
+Gates (config, defaults in ``HeuristicOptions``): the number of main speakers in
 [min_speakers, max_speakers], alternations >= min_alternations, turn rate >= min_turn_rate,
 overlap ratio <= max_overlap_ratio, speech ratio >= min_speech_ratio. Each failed gate is a reason.
 
@@ -35,7 +35,7 @@ from dataclasses import asdict, dataclass
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from pipeline.backends.llm import Verdict
+from pipeline.backends.llm.base import Verdict
 
 # Values at which a quality reaches 1 (a clearly conversational recording).
 GOOD_ALTERNATIONS = 10
@@ -44,7 +44,7 @@ GOOD_TURN_RATE = 6.0  # speaker changes per minute of speech
 GOOD_SPEECH_RATIO = 0.6
 
 
-class HeuristicConfig(BaseModel):
+class HeuristicOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     min_speakers: int = Field(2, ge=1, description="main speakers wanted at least")
@@ -58,7 +58,7 @@ class HeuristicConfig(BaseModel):
     min_speech_ratio: float = Field(0.2, ge=0, le=1, description="speech / recording duration")
 
     @model_validator(mode="after")
-    def _range(self) -> "HeuristicConfig":
+    def _range(self) -> "HeuristicOptions":
         if self.min_speakers > self.max_speakers:
             raise ValueError("min_speakers must not exceed max_speakers")
         return self
@@ -91,7 +91,7 @@ def _union_and_overlap(turns: list[dict]) -> tuple[float, float]:
     return union, overlap
 
 
-def turn_stats(row: dict, cfg: HeuristicConfig) -> TurnStats:
+def turn_stats(row: dict, cfg: HeuristicOptions) -> TurnStats:
     turns = [t for t in row.get("turns") or [] if t["end"] > t["start"]]
     talk: dict[str, float] = defaultdict(float)
     if row.get("speaker_durations"):
@@ -126,7 +126,7 @@ def turn_stats(row: dict, cfg: HeuristicConfig) -> TurnStats:
     )
 
 
-def speaker_reason(st: TurnStats, cfg: HeuristicConfig) -> str | None:
+def speaker_reason(st: TurnStats, cfg: HeuristicOptions) -> str | None:
     """Why the speaker count rules the recording out, or None."""
     n = st.main_speakers
     if cfg.min_speakers <= n <= cfg.max_speakers:
@@ -139,7 +139,7 @@ def speaker_reason(st: TurnStats, cfg: HeuristicConfig) -> str | None:
     return why
 
 
-def judge(st: TurnStats, cfg: HeuristicConfig) -> tuple[float, list[str]]:
+def judge(st: TurnStats, cfg: HeuristicOptions) -> tuple[float, list[str]]:
     """(score, reasons of the failed gates); see the module doc for the formula."""
     reasons: list[str] = []
     q: dict[str, float] = {}
@@ -177,9 +177,10 @@ class HeuristicClassifier:
     name = "heuristic"
     model = "turn-statistics"
     prompt_version = None
+    Options = HeuristicOptions
 
-    def __init__(self, config: HeuristicConfig | None = None):
-        self.config = config or HeuristicConfig()
+    def __init__(self, options: HeuristicOptions | None = None, device: str = "cpu", num_threads: int = 1):
+        self.config = options or HeuristicOptions()
 
     def classify(self, rows: list[dict]) -> list[Verdict]:
         out = []

@@ -23,9 +23,8 @@ import importlib.util
 from typing import Any
 
 from pipeline.backends.hub import is_local, local_path, model_not_found
-from pipeline.backends.llm import (
+from pipeline.backends.llm.base import (
     ANSWER_SCHEMA,
-    PromptConfig,
     Verdict,
     fit_prompts,
     prompt_token_ids,
@@ -33,12 +32,12 @@ from pipeline.backends.llm import (
     special_tokens_of,
     verdict_from_text,
 )
-from pipeline.backends.llm.vllm import INSTALL_HINT, VllmConfig
+from pipeline.backends.llm.vllm import INSTALL_HINT, VllmOptions
 
 ENGINE_STAGE = "vLLMEngineStage"
 
 
-def build_engine_processor(config: VllmConfig, model_source: str, batch_size: int, runtime_env: dict | None = None):
+def build_engine_processor(config: VllmOptions, model_source: str, batch_size: int, runtime_env: dict | None = None):
     """The ray.data.llm processor of this classifier: the vLLM engine stage alone (our own
     template and tokenizer feed it token ids; the answer text comes with the engine output)."""
     from ray.data.llm import build_processor, vLLMEngineProcessorConfig
@@ -71,11 +70,13 @@ def verdict_from_output(row: dict) -> Verdict:
 class RayLlmClassifier:
     name = "ray-llm"
     answer_format = "json"
+    Options = VllmOptions
+    section = "vllm"  # vLLM through Ray's batch engine: the vllm backend's settings
 
-    def __init__(self, config: VllmConfig | None = None, prompt: PromptConfig | None = None,
-                 device: str = "cuda", batch_size: int = 64):
-        self.config = config or VllmConfig()
-        self.prompt = prompt or PromptConfig()
+    def __init__(self, options: VllmOptions | None = None, device: str = "cuda", num_threads: int = 1, *,
+                 batch_size: int = 64):
+        self.config = options or VllmOptions()
+        self.prompt = self.config.prompt
         self.model = self.config.model
         self.prompt_version = prompt_version(self.answer_format)
         if importlib.util.find_spec("vllm") is None:

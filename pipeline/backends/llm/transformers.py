@@ -26,7 +26,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from pipeline.backends.hub import is_local, local_path, model_not_found
-from pipeline.backends.llm import (
+from pipeline.backends.llm.base import (
     LABELS,
     PromptConfig,
     Verdict,
@@ -39,7 +39,7 @@ from pipeline.backends.llm import (
 SURFACE_FORMS = {"yes": ("yes", "Yes", " yes", " Yes"), "no": ("no", "No", " no", " No")}
 
 
-class TransformersConfig(BaseModel):
+class TransformersOptions(BaseModel):
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
     model: str = Field("Qwen/Qwen2.5-0.5B-Instruct", description="hub id or local directory of a causal LM")
@@ -50,6 +50,8 @@ class TransformersConfig(BaseModel):
     min_label_mass: float = Field(
         0.05, ge=0, lt=1, description="score mode: least probability on yes/no for a usable answer")
     max_new_tokens: int = Field(32, ge=4, description="generate mode: answer length limit")
+    # The stage's shared ``prompt`` section, set by the stage (not a key of this section).
+    prompt: PromptConfig = Field(default_factory=PromptConfig, exclude=True)
 
 
 def load_causal_lm(ref: str, device: str = "cpu", dtype: str = "auto"):
@@ -74,11 +76,11 @@ def load_causal_lm(ref: str, device: str = "cpu", dtype: str = "auto"):
 
 class TransformersClassifier:
     name = "transformers"
+    Options = TransformersOptions
 
-    def __init__(self, config: TransformersConfig | None = None, prompt: PromptConfig | None = None,
-                 device: str = "cpu"):
-        self.config = config or TransformersConfig()
-        self.prompt = prompt or PromptConfig()
+    def __init__(self, options: TransformersOptions | None = None, device: str = "cpu", num_threads: int = 1):
+        self.config = options or TransformersOptions()
+        self.prompt = self.config.prompt
         self.model = self.config.model
         self.device = device
         self.tokenizer, self.lm = load_causal_lm(self.config.model, device, self.config.dtype)

@@ -18,7 +18,7 @@ from __future__ import annotations
 from pydantic import BaseModel, ConfigDict, Field
 
 from pipeline.backends.hub import is_local, local_path, model_not_found
-from pipeline.backends.llm import (
+from pipeline.backends.llm.base import (
     ANSWER_SCHEMA,
     PromptConfig,
     Verdict,
@@ -32,7 +32,7 @@ from pipeline.backends.llm import (
 INSTALL_HINT = "pip install '.[vllm]' on a GPU node"
 
 
-class VllmConfig(BaseModel):
+class VllmOptions(BaseModel):
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
     model: str = Field("Qwen/Qwen2.5-7B-Instruct", description="hub id or local directory of an instruct model")
@@ -41,6 +41,8 @@ class VllmConfig(BaseModel):
     gpu_memory_utilization: float = Field(0.85, gt=0, le=1, description="share of GPU memory vLLM may take")
     dtype: str = Field("auto", description="vLLM dtype: auto, bfloat16, float16")
     max_tokens: int = Field(48, ge=8, description="answer length limit in tokens")
+    # The stage's shared ``prompt`` section, set by the stage (not a key of this section).
+    prompt: PromptConfig = Field(default_factory=PromptConfig, exclude=True)
 
 
 def import_vllm():
@@ -69,11 +71,13 @@ class VllmClassifier:
     name = "vllm"
     answer_format = "json"
 
-    def __init__(self, config: VllmConfig | None = None, prompt: PromptConfig | None = None,
-                 device: str = "cuda", llm=None, modules=None):
+    Options = VllmOptions
+
+    def __init__(self, options: VllmOptions | None = None, device: str = "cuda", num_threads: int = 1, *,
+                 llm=None, modules=None):
         """``llm`` and ``modules`` ((vllm, vllm.sampling_params)) replace the real ones in tests."""
-        self.config = config or VllmConfig()
-        self.prompt = prompt or PromptConfig()
+        self.config = options or VllmOptions()
+        self.prompt = self.config.prompt
         self.model = self.config.model
         self.prompt_version = prompt_version(self.answer_format)
         vllm, spm = modules or import_vllm()

@@ -2,7 +2,7 @@
 
 Every pipeline stage is tested and benchmarked on audio made here (VAD boundaries, diarization
 DER, ASR WER, dialogue classification, 30 s splitting), and the bundled example in `examples/`
-is built by `python -m pipeline.synth example`. Voices come from espeak-ng, which is robotic
+is built by `python -m tools.synth example`. Voices come from espeak-ng, which is robotic
 but deterministic, offline and clearly different between its male and female variants.
 
 Truth (`Truth.to_dict()`, one JSON per audio file)::
@@ -879,7 +879,7 @@ def _write_bad_inputs(out: Path) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = clitools.parser("python -m pipeline.synth", __doc__.split("\n\n")[0])
+    p = clitools.parser("python -m tools.synth", __doc__.split("\n\n")[0])
     sub = clitools.subparsers(p, dest="cmd", required=True, metavar="KIND")
     ex = sub.add_parser("example", help="build the bundled example", description="Build the bundled example.")
     ex.add_argument("--out", default="examples/audio", help="audio folder")
