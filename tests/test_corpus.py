@@ -322,3 +322,25 @@ def test_classifier_verdicts_are_stored_and_a_threshold_refilters_them(tmp_path,
     assert all(r["status"] == "rejected" for r in strict if r["dialogue_score"] < 1.0)
     classify_with(threshold=0.0, heuristic={"min_alternations": 2})  # a scoring change
     assert calls == [3, 3]
+
+
+def test_vad_probabilities_are_stored_and_thresholds_rederive_the_spans(tmp_path, monkeypatch):
+    from pipeline.backends.vad.silero import SileroVad
+    from pipeline.stage import StageContext
+    from pipeline.stages.vad import VadConfig, VadStage
+
+    calls: list[int] = []
+    probabilities = SileroVad.probabilities
+    monkeypatch.setattr(SileroVad, "probabilities", lambda self, paths, **kw: calls.append(len(paths)) or
+                        probabilities(self, paths, **kw))
+    wav = EXAMPLE / "audio" / "dlg_clean_en.wav"  # 16 kHz mono: its own analysis copy
+    row = {"recording_id": "r", "source_path": str(wav), "audio_path": str(wav), "duration": sf.info(wav).duration}
+
+    def vad(out: Path, **cfg) -> dict:
+        return VadStage(VadConfig(**cfg), StageContext("vad", out)).process([dict(row)])[0]
+
+    a = vad(tmp_path / "a", threshold=0.5)
+    b = vad(tmp_path / "a", threshold=0.9, min_silence_duration=0.5)
+    assert calls == [1]  # the second threshold set re-used the stored probabilities
+    fresh = vad(tmp_path / "b", threshold=0.9, min_silence_duration=0.5)
+    assert calls == [1, 1] and b["speech"] == fresh["speech"] != a["speech"]
