@@ -33,10 +33,10 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
-from tools import synth  # noqa: E402
 from pipeline.backends.asr import load_backend  # noqa: E402
 from pipeline.stage import StageContext  # noqa: E402
 from pipeline.stages.asr import AsrConfig, AsrStage  # noqa: E402
+from tools import synth  # noqa: E402
 
 SR = 16000
 # openai-whisper sizes: n_mels, width, heads, layers, vocabulary

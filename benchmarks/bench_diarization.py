@@ -43,10 +43,10 @@ warnings.filterwarnings("ignore")
 
 from pipeline.audio import decode_to_wav  # noqa: E402
 from pipeline.backends.diarization import row_fields  # noqa: E402
-from tools.scoring import diarization_error  # noqa: E402
 from pipeline.backends.diarization.embedded import EmbeddedDiarizer, EmbeddedOptions  # noqa: E402
 from pipeline.backends.vad.silero import SileroVad  # noqa: E402
 from pipeline.stages.vad import VadConfig, speech_spans  # noqa: E402
+from tools.scoring import diarization_error  # noqa: E402
 from tools.synth import Clip, synth_dialogue, synth_meeting, synth_monologue, write_clip  # noqa: E402
 
 REALSPEECH = ROOT.parent / "shared" / "realspeech"

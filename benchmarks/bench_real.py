@@ -39,9 +39,9 @@ sys.path.insert(0, str(ROOT))
 
 from model.eval.metrics import normalize_text, wer_counts, word_errors  # noqa: E402
 from pipeline import manifests, report  # noqa: E402
-from tools.scoring import diarization_error  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
 from pipeline.runner import run_pipeline  # noqa: E402
+from tools.scoring import diarization_error  # noqa: E402
 
 TAG = re.compile(r"\[(S\d+)\]")
 

@@ -25,7 +25,6 @@ import soundfile as sf
 import torch
 
 from pipeline import manifests
-from tools import synth
 from pipeline.backends.asr import Transcript, load_backend
 from pipeline.backends.hub import ModelNotFound
 from pipeline.config import ConfigError, parse_config
@@ -33,6 +32,7 @@ from pipeline.runner import run_pipeline
 from pipeline.stage import StageContext
 from pipeline.stages.asr import (NO_DIARIZATION_SPEAKER, AsrConfig, AsrStage, choose_languages,
                                  quietest_point, split_turn)
+from tools import synth
 
 ROOT = Path(__file__).resolve().parent.parent
 SR = 16000

@@ -10,12 +10,12 @@ import pytest
 import soundfile as sf
 
 from pipeline import manifests
-from tools import synth
 from pipeline.audio import decode_to_wav, probe
 from pipeline.report import write_report
 from pipeline.stage import StageContext
 from pipeline.stages.export import ExportConfig, ExportStage
 from pipeline.stages.quality import QualityConfig, QualityStage
+from tools import synth
 
 
 @pytest.fixture(scope="module")

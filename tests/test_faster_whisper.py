@@ -21,14 +21,14 @@ import pytest
 import soundfile as sf
 
 from pipeline import manifests
-from tools import synth
 from pipeline.backends.asr import Word, faster_whisper, load_backend
 from pipeline.backends.hub import ModelNotFound
 from pipeline.config import parse_config
 from pipeline.runner import run_pipeline
 from pipeline.stage import StageContext
-from pipeline.stages.asr import (AsrConfig, AsrStage, _Turn, attribute_words, pad_regions, speech_regions,
+from pipeline.stages.asr import (AsrConfig, AsrStage, _Unit, attribute_words, pad_regions, speech_regions,
                                  word_speakers)
+from tools import synth
 
 ROOT = Path(__file__).resolve().parent.parent
 REAL = ROOT.parent / "shared" / "realspeech"
@@ -66,7 +66,7 @@ def test_each_word_gets_the_speaker_it_overlaps_most():
 
 
 def test_utterances_are_runs_of_one_speaker_inside_one_vad_span():
-    region = _Turn(0, "x.wav", 0.0, 9.0, None, [(0.0, 9.0)], language="en")
+    region = _Unit(0, "x.wav", 0.0, 9.0, None, [(0.0, 9.0)], language="en")
     w = lambda a, b, t, p=0.9: Word(a, b, t, p)  # noqa: E731
     region.words = [[w(0.2, 0.5, "so"), w(0.5, 0.9, "we"), w(1.0, 1.4, "went", 0.5),
                      w(1.5, 1.8, "yeah"),                        # B's back-channel

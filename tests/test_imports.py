@@ -140,3 +140,11 @@ def test_runtime_modules_are_used_by_runtime_code():
     used |= {".".join(t.split(".")[:k]) for t in used for k in range(1, t.count(".") + 1)}
     unused = sorted(m for m in graph if m not in used and m not in ENTRY_POINTS and m not in RUNTIME)
     assert not unused, f"runtime modules that only tests/benchmarks (or nobody) import: {unused}"
+
+
+def test_runtime_modules_do_not_import_test_tooling():
+    graph = _graph(PROJECT)
+    bad = {m: sorted(t for t in targets if t.split(".")[0] == "tools")
+           for m, targets in graph.items() if m.split(".")[0] in RUNTIME}
+    bad = {m: t for m, t in bad.items() if t}
+    assert not bad, f"runtime modules import tools/: {bad}"

@@ -6,7 +6,6 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tools import synth
 from pipeline.segmentation import (
     Chunk,
     TaggedTurn,
@@ -17,6 +16,7 @@ from pipeline.segmentation import (
     tagged_text,
     turns_from_utterances,
 )
+from tools import synth
 
 
 def _merged(spans):

@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 
 from pipeline import manifests
-from tools import synth
 from pipeline.config import parse_config
 from pipeline.runner import run_pipeline
 from pipeline.backends.vad.silero import SileroVad
 from pipeline.stages.vad import VadConfig, speech_spans
+from tools import synth
 
 HOP = SileroVad.hop
 

@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 
 from pipeline import manifests
-from tools import synth
 from pipeline.config import ConfigError, parse_config
 from pipeline.runner import run_pipeline
+from tools import synth
 from test_asr import make_hf_whisper_dir
 
 

@@ -78,9 +78,10 @@ class BackendSections(BaseModel):
     backends not chosen are validated too: a typo fails at load time, whatever the backend).
 
     A stage config derives from ``(StageConfig, BackendSections)`` (in this order: the last base
-    gives the model config). Subclasses set ``registry`` and ``backend_fields``: the fields that name backends (a name, or
-    a mapping of names), each with the other values it may take. The classes of the registered backends travel with the validated
-    config, so that a backend registered at run time (a plugin, a test) reaches the Ray workers."""
+    gives the model config). Subclasses set ``registry`` and ``backend_fields``: the fields that
+    name backends (a name, or a mapping of names), each with the other values it may take. The
+    classes of the registered backends travel with the validated config, so that a backend
+    registered at run time (a plugin, a test) reaches the Ray workers."""
 
     model_config = ConfigDict(extra="allow", protected_namespaces=())
     registry: ClassVar[Registry]
@@ -152,10 +153,6 @@ class BackendSections(BaseModel):
 
 def _details(e: ValidationError, prefix: tuple = ()) -> list[dict]:
     """The errors of ``e`` as details a new ValidationError takes, their locations under ``prefix``."""
-    out = []
-    for err in e.errors():
-        d = {"type": err["type"], "loc": (*prefix, *err["loc"]), "input": err.get("input")}
-        if err.get("ctx"):
-            d["ctx"] = err["ctx"]
-        out.append(d)
-    return out
+    # Each error keeps its type and its message as written (custom types included).
+    return [{"type": PydanticCustomError(err["type"], err["msg"]), "loc": (*prefix, *err["loc"]),
+             "input": err.get("input")} for err in e.errors()]

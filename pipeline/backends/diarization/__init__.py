@@ -18,10 +18,15 @@ from pipeline.backends import Registry
 from pipeline.backends.diarization.base import (Diarization, Diarizer, TurnTuple, exclusive_turns, merge_turns,
                                                 overlap_regions, relabel, row_fields, union_duration)
 
-__all__ = ["BACKENDS", "Diarization", "Diarizer", "TurnTuple", "exclusive_turns",
+__all__ = ["BACKENDS", "Diarization", "Diarizer", "TurnTuple", "exclusive_turns", "load_backend",
            "merge_turns", "overlap_regions", "relabel", "row_fields", "union_duration"]
 
 BACKENDS = Registry("diarization", {
     "embedded": "pipeline.backends.diarization.embedded:EmbeddedDiarizer",
     "pyannote": "pipeline.backends.diarization.pyannote:PyannoteDiarizer",
 })
+
+
+def load_backend(name: str) -> type:
+    """The class of backend ``name`` (build it with ``BACKENDS.build(name, options, ...)``)."""
+    return BACKENDS.get(name)
