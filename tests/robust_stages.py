@@ -65,6 +65,23 @@ class CrashActor(CrashTask):
         self.loaded = True
 
 
+class TouchThenRaise(Stage):
+    """Alters every row it is given, then raises when the batch holds a recording whose name
+    contains ``word``: the runner must retry the others from the rows as they were, not as this
+    stage left them."""
+
+    Config = CrashConfig
+    manifest = "vad"
+    default_resources = Resources(num_cpus=0.5, batch_size=4, concurrency=1)
+
+    def process(self, rows):
+        for r in rows:
+            r["speech_duration"] = (r.get("speech_duration") or 0.0) + 1.0
+        if any(self.config.word in r["source_path"] for r in rows):
+            raise ValueError(f"a {self.config.word} recording in the batch")
+        return [dict(r, status="ok", reason=None) for r in rows]
+
+
 class TruthConfig(StageConfig):
     truth_dir: str
     turns_per_segment: int = 3

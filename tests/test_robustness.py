@@ -141,6 +141,25 @@ def test_crashing_worker_fails_its_recording_only(tmp_path, ray_local):
     assert {n: r["status"] for n, r in by_name.items() if "crash" not in n} == dict.fromkeys("abcde", "kept")
 
 
+def test_a_batch_that_raises_is_retried_row_by_row_from_unaltered_rows(tmp_path, ray_local):
+    src = tmp_path / "in"
+    src.mkdir()
+    for name in ("a", "b", "bad_x", "c"):
+        (src / f"{name}.bin").write_bytes(name.encode())
+    cfg = parse_config({
+        "run": {"output": str(tmp_path / "out"), "progress": False, "report": {"enabled": False}},
+        "stages": {"touch": {"uses": "tests.robust_stages:TouchThenRaise", "word": "bad",
+                             "resources": {"batch_size": 4}}},
+    })
+    res = run_pipeline(cfg, src)
+    name = {r["recording_id"]: Path(r["source_path"]).stem for r in res.ledger.to_pylist()}
+    rows = {name[r["recording_id"]]: r for r in manifests.read_manifest(res.output, "touch").to_pylist()}
+    assert (rows["bad_x"]["status"], rows["bad_x"]["reason"]) == ("failed", "ValueError: a bad recording in the batch")
+    # Each good row went through the stage once more, alone, from the row it was first given.
+    assert {n: (r["status"], r["speech_duration"]) for n, r in rows.items() if n != "bad_x"} == \
+        dict.fromkeys("abc", ("ok", 1.0))
+
+
 # ------------------------------------------------------------------ content identity, generations, retries
 
 
