@@ -157,20 +157,25 @@ def _read_cuts(path: Path, root: Path) -> list[Utterance]:
             try:
                 d = json.loads(line)
                 sups = d.get("supervisions") or []
-                if len(sups) != 1:
-                    raise _bad(path, lineno, f"cut {d.get('id')!r} has {len(sups)} supervisions, need exactly 1")
+                if not sups:
+                    raise _bad(path, lineno, f"cut {d.get('id')!r} has no supervision")
+                text = sups[0].get("text") or ""
+                if len(sups) > 1:
+                    # One supervision per speaker turn (the pipeline's export): the tagged text of the cut.
+                    text = (d.get("custom") or {}).get("text") or " ".join(
+                        f"[{s.get('speaker')}] {s.get('text') or ''}" for s in sorted(sups, key=lambda s: s["start"]))
                 rec = d["recording"]
                 sources = rec["sources"]
                 if len(sources) != 1 or sources[0].get("type", "file") != "file":
                     raise _bad(path, lineno, "only recordings with one 'file' source are supported")
                 start = float(d.get("start", 0.0))
                 dur = float(d["duration"])
-                tokens = sups[0].get("tokens") or (sups[0].get("custom") or {}).get("tokens")
+                tokens = None if len(sups) > 1 else sups[0].get("tokens") or (sups[0].get("custom") or {}).get("tokens")
                 # A MultiCut lists its channels; a MonoCut of a multi-channel recording is read as
                 # the downmix (OpenDialog audio is mono).
                 channel = d.get("channel", 0)
                 channels = len(channel) if isinstance(channel, list) else 1
-                out.append(Utterance(id=str(d["id"]), text=clean_text(sups[0].get("text") or ""),
+                out.append(Utterance(id=str(d["id"]), text=clean_text(text),
                                      audio=_resolve(sources[0]["source"], root), duration=dur,
                                      start=start, end=start + dur, channels=channels,
                                      tokens=tokens))

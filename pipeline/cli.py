@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 
@@ -43,6 +44,10 @@ def build_parser():
                     help="also show Ray's own progress bars, log lines and worker output")
     ap.add_argument("--retry-failed", action="store_true",
                     help="run recordings whose verdict is 'failed' again (not 'rejected' ones)")
+    ap.add_argument("--check", metavar="DIR",
+                    help="run nothing: verify that the published corpus in DIR (an export folder, or an output "
+                         "folder holding export/) is whole: segments.parquet, manifest.<lang>.jsonl, the lhotse "
+                         "manifests, RTTM files, metadata.jsonl and the audio files agree; exit 1 if not")
     return ap
 
 
@@ -56,8 +61,30 @@ def main(argv: list[str] | None = None) -> int:
     return clitools.run(lambda: _run(args), args.debug, (ConfigError, OutputLocked))
 
 
+def _check(folder: str) -> int:
+    from pathlib import Path
+
+    from pipeline import corpus
+
+    if not Path(folder).is_dir():
+        raise NotADirectoryError(f"{folder}: no such folder")
+    problems = corpus.check(folder)
+    for p in problems:
+        print(f"[check] {p}")
+    if problems:
+        return 1
+    root = Path(folder) if (Path(folder) / corpus.CORPUS_JSON).exists() else Path(folder) / "export"
+    info = json.loads((root / corpus.CORPUS_JSON).read_text())
+    print(f"[check] {root}: ok, {info['segments']} segments, {info['seconds'] / 3600:.3f} h "
+          f"(run {info['run_id']})")
+    return 0
+
+
 def _run(args) -> int:
     from pipeline.runner import run_pipeline
+
+    if args.check:
+        return _check(args.check)
 
     overrides = {"progress": False} if args.no_progress else {}
     cfg = load_config(args.config, overrides, sets=args.sets)

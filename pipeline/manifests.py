@@ -58,6 +58,15 @@ class SpeakerDuration(TypedDict):
     duration: float
 
 
+class SegmentTurn(TypedDict):
+    """One [S1]/[S2] turn of a segment and its span in the source file."""
+
+    speaker: str
+    start: float
+    end: float
+    text: str
+
+
 class Segment(TypedDict):
     """A <= 30 s dialogue piece of a recording (segments stage); ``start``/``end`` in seconds of the
     source file. Later stages update ``status``/``reason`` and add their fields (``SegmentScores``)."""
@@ -71,6 +80,7 @@ class Segment(TypedDict):
     num_turns: int | None
     language: str | None
     speakers: list[str] | None  # the diarization speaker behind [S1], [S2], ...
+    turns: list[SegmentTurn] | None  # the [S1]/[S2] turns with their spans
     agreement: float | None  # WhisperD tags vs diarization, 0..1
     source: str | None  # "whisperd" or "diarization"
     status: str
@@ -80,7 +90,7 @@ class Segment(TypedDict):
 class SegmentScores(TypedDict, total=False):
     """What rules, quality and export add to a segment."""
 
-    metrics: str  # rules: JSON object of every rule metric
+    metrics: dict  # rules: every rule metric (stored as the RULE_METRICS struct)
     dnsmos_ovrl: float
     dnsmos_sig: float
     dnsmos_bak: float
@@ -123,6 +133,30 @@ _OUTCOME = [
 
 TURN = arrow_struct(Turn)
 UTTERANCE = arrow_struct(Utterance)
+
+SEGMENT_TURN = arrow_struct(SegmentTurn)
+# The rule metrics of a segment (filters/rules.py): null where a rule is disabled.
+RULE_METRICS = pa.struct(
+    [
+        ("turns", pa.int64()),
+        ("events", pa.int64()),
+        ("turns_per_second", pa.float64()),
+        ("scripts", pa.map_(pa.string(), pa.float64())),
+        ("foreign_share", pa.float64()),
+        ("words", pa.int64()),
+        ("words_per_second", pa.float64()),
+        ("max_ngram_repeats", pa.int64()),
+        ("max_token_run", pa.int64()),
+        ("top_word_share", pa.float64()),
+        ("max_word_chars", pa.int64()),
+        ("unique_share", pa.float64()),
+        ("longest_word_chars", pa.int64()),
+        ("long_word_ratio", pa.float64()),
+        ("hallucinated_phrase", pa.string()),
+        ("agreement", pa.float64()),
+        ("failed", pa.list_(pa.string())),
+    ]
+)
 
 SCHEMAS: dict[str, pa.Schema] = {
     # One row per input file.
@@ -192,7 +226,7 @@ SCHEMAS: dict[str, pa.Schema] = {
             pa.field("end", pa.float64(), nullable=False),
             pa.field("status", pa.string(), nullable=False),
             pa.field("reason", pa.string()),
-            pa.field("metrics", pa.string()),  # JSON object of every rule metric
+            pa.field("metrics", RULE_METRICS),  # every rule metric
         ]
     ),
     # One row per segment scored by DNSMOS P.835.
@@ -221,12 +255,14 @@ SCHEMAS: dict[str, pa.Schema] = {
             pa.field("language", pa.string()),
             pa.field("text", pa.string()),
             pa.field("num_turns", pa.int32()),
+            pa.field("turns", pa.list_(SEGMENT_TURN)),
             pa.field("path", pa.string()),  # relative to the export root
+            pa.field("audio_key", pa.string()),  # names the encoded audio: equal keys, identical files
             pa.field("agreement", pa.float64()),
             pa.field("dnsmos_ovrl", pa.float64()),
             pa.field("dnsmos_sig", pa.float64()),
             pa.field("dnsmos_bak", pa.float64()),
-            pa.field("metrics", pa.string()),
+            pa.field("metrics", RULE_METRICS),
             pa.field("status", pa.string(), nullable=False),
             pa.field("reason", pa.string()),
         ]
@@ -248,6 +284,8 @@ SCHEMAS: dict[str, pa.Schema] = {
 
 # Bump a schema's version when its meaning changes; readers refuse other versions.
 VERSIONS: dict[str, int] = {name: 1 for name in SCHEMAS}
+# 2: segment turns with spans, rule metrics as a struct (was a JSON string), export audio keys.
+VERSIONS.update(segments=2, rules=2, export=2)
 
 # Row key of each manifest (unique within a complete manifest).
 KEYS: dict[str, tuple[str, ...]] = {
@@ -339,6 +377,29 @@ def read_manifest(output: str | Path, stage: str, schema: str | None = None) -> 
     name = schema or schema_name(files[0])
     tables = [read_manifest_file(name, f) for f in files]
     return dedupe(pa.concat_tables(tables), KEYS[name])
+
+
+def read_stages(output: str | Path, columns: tuple[str, ...] = ("recording_id", "status", "reason")) -> pa.Table:
+    """The ``columns`` every stage's manifest has (by default the verdicts), one table for all
+    stages with the stage's name in a ``stage`` column, in pipeline order when the run recorded it.
+    (A reader pointed at the whole ``manifests/`` folder would merge unrelated schemas: read one
+    stage's folder, or this.)"""
+    output = Path(output)
+    try:
+        order = [s["name"] for s in json.loads((output / "run_config.json").read_text())["stages"]]
+    except (OSError, ValueError, KeyError):
+        order = sorted(d.name for d in (output / "manifests").glob("*") if d.is_dir())
+    tables = []
+    for stage in order:
+        t = read_manifest(output, stage)
+        missing = [c for c in columns if c not in t.column_names]
+        if missing:
+            raise ManifestError(f"{output / 'manifests' / stage}: no columns {missing}")
+        t = t.select(list(columns))
+        tables.append(t.append_column("stage", pa.array([stage] * t.num_rows, pa.string())))
+    if not tables:
+        raise ManifestError(f"{output}: no manifests")
+    return pa.concat_tables([t.replace_schema_metadata(None) for t in tables])
 
 
 def schema_name(path: Path) -> str:

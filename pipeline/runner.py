@@ -102,6 +102,7 @@ def run_pipeline(cfg: PipelineConfig, input_spec: str | Path | list[str | Path] 
                     pass
             finally:
                 progress.close()
+        this_run = report.this_run_costs(output, cfg.stages, t0)  # before publish merges the parts
         # Published only now, after every recording went through: a stopped or failed run leaves
         # the previous outputs as they were (its finished parts stay staged for the next run).
         for spec in cfg.stages:
@@ -115,12 +116,13 @@ def run_pipeline(cfg: PipelineConfig, input_spec: str | Path | list[str | Path] 
         ledger = build_ledger(output, inputs, cfg.stages, done)
         manifests.write_table(ledger, output / "ledger.parquet")
         if cfg.run.report.enabled:
-            report.write_report(output)
+            report.write_report(output, this_run)
         for spec in cfg.stages:
-            o = done[spec.name]
+            o, fresh = done[spec.name], this_run[spec.name]
             if o.audio_seconds > 0:
-                say(f"  {spec.name:<15} {o.seconds:8.1f} worker s for {o.audio_seconds / 3600:.3f} audio h "
-                     f"(RTF {o.seconds / o.audio_seconds:.4f})")
+                say(f"  {spec.name:<15} {fresh['worker_seconds']:8.1f} worker s this run for "
+                     f"{fresh['audio_seconds'] / 3600:.3f} audio h; in all {o.seconds:.1f} s for "
+                     f"{o.audio_seconds / 3600:.3f} h (RTF {o.seconds / o.audio_seconds:.4f})")
         counts = Counter(zip(ledger.column("status").to_pylist(), ledger.column("stage").to_pylist()))
         say("ledger: " + ", ".join(f"{n} {st} at {sg}" for (st, sg), n in sorted(counts.items())))
         return RunResult(output, len(inputs), len(rows), ledger, time.time() - t0)

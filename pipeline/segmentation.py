@@ -171,20 +171,29 @@ def tagged_text(turns: list[TaggedTurn], key: str = "speaker", sep: str = " ") -
 
     The first turn's ``key`` (speaker, or tag) becomes [S1], the other one [S2]; turns of the
     same person in a row are merged so tags alternate. Raises ValueError for more than two."""
+    parts, order = tag_turns(turns, key, sep)
+    return " ".join(f"[{p['speaker']}] {p['text']}" for p in parts), order
+
+
+def tag_turns(turns: list[TaggedTurn], key: str = "speaker", sep: str = " ") -> tuple[list[dict], list[str]]:
+    """The turns of ``tagged_text`` as dicts ``{speaker: "S1"|"S2", start, end, text}`` (times of
+    the source, None where the turn had none), and who is S1, S2."""
     order: list[str] = []
-    parts: list[tuple[str, str]] = []
+    parts: list[dict] = []
     for t in turns:
         who = getattr(t, key) or t.tag
         if who not in order:
             order.append(who)
         tag = f"S{order.index(who) + 1}"
-        if parts and parts[-1][0] == tag:
-            parts[-1] = (tag, f"{parts[-1][1]}{sep}{t.text}".strip())
+        if parts and parts[-1]["speaker"] == tag:
+            last = parts[-1]
+            last["text"] = f"{last['text']}{sep}{t.text}".strip()
+            last["end"] = t.end if t.end is not None else last["end"]
         else:
-            parts.append((tag, t.text.strip()))
+            parts.append({"speaker": tag, "start": t.start, "end": t.end, "text": t.text.strip()})
     if len(order) > 2:
         raise ValueError(f"{len(order)} speakers in one segment")
-    return " ".join(f"[{tag}] {txt}" for tag, txt in parts if txt), order
+    return [p for p in parts if p["text"]], order
 
 
 def estimate_turn_times(turns: list[TaggedTurn], speech: list[Span], chunk: Chunk, cjk: bool = False) -> None:

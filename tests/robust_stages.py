@@ -80,3 +80,51 @@ class TouchThenRaise(Stage):
         if any(self.config.word in r["source_path"] for r in rows):
             raise ValueError(f"a {self.config.word} recording in the batch")
         return [dict(r, status="ok", reason=None) for r in rows]
+
+
+class TruthConfig(StageConfig):
+    truth_dir: str
+    turns_per_segment: int = 3
+
+
+class TruthSegments(Stage):
+    """The segments stage for recordings whose truth is known (``<truth_dir>/<stem>.json`` as
+    written by ``pipeline.synth``): consecutive groups of truth turns become segments with their
+    [S1]/[S2] turns, as the segments stage would cut them, without the ASR models' cost."""
+
+    Config = TruthConfig
+    manifest = "segments"
+    needs = ("source_path",)
+    adds = ("segments",)
+    default_resources = Resources(num_cpus=0.5, batch_size=4, concurrency=1)
+
+    def process(self, rows):
+        import json
+        from pathlib import Path
+
+        from pipeline.segmentation import TaggedTurn, tag_turns
+
+        out = []
+        for r in rows:
+            truth = json.loads((Path(self.config.truth_dir) / f"{Path(r['source_path']).stem}.json").read_text())
+            turns = [t for t in truth["turns"] if not t["is_backchannel"]]
+            n = self.config.turns_per_segment
+            segs = []
+            for k in range(0, len(turns) - 1, n):
+                group = turns[k:k + n]
+                if len(group) < 2:
+                    continue
+                parts, order = tag_turns([TaggedTurn(t["speaker"], t["text"], t["start"], t["end"], t["speaker"])
+                                          for t in group], sep="" if truth["language"] == "zh" else " ")
+                start, end = round(group[0]["start"], 3), round(group[-1]["end"], 3)
+                segs.append(dict(segment_id=f"{r['recording_id']}_{len(segs):04d}", recording_id=r["recording_id"],
+                                 start=start, end=end, duration=round(end - start, 3),
+                                 text=" ".join(f"[{p['speaker']}] {p['text']}" for p in parts),
+                                 num_turns=len(parts), language=truth["language"], speakers=order,
+                                 turns=[dict(p, start=round(p["start"], 3), end=round(p["end"], 3)) for p in parts],
+                                 agreement=None, source="truth", status="ok", reason=None))
+            out.append(dict(r, segments=segs, status="ok", reason=None))
+        return out
+
+    def manifest_rows(self, row):
+        return row["segments"]

@@ -66,9 +66,22 @@ def test_example_ledger_export_and_report(example_run):
     assert {s["segment_id"] for s in segments} == {i["id"] for i in items}
     assert all(s["dnsmos_ovrl"] is not None and s["metrics"] for s in segments)
     report = (out / "report" / "report.md").read_text()
-    assert "Hours at each stage" in report and (out / "report" / "distributions.png").exists()
+    assert "## Funnel" in report and (out / "report" / "distributions.png").exists()
     data = json.loads((out / "report" / "report.json").read_text())
-    assert data["hours"]["kept"] > 0
+    funnel = data["funnel"]
+    assert funnel[0]["files"] == len(inputs) and funnel[-1]["segments"] == len(items) > 0
+    for key in ("files", "audio_seconds", "speech_seconds"):
+        values = [r[key] for r in funnel if r[key] is not None]
+        assert values == sorted(values, reverse=True), (key, values)
+    # The real pipeline's segments: one lhotse supervision per turn, S1/S2 alternating, in order.
+    from pipeline.corpus import check, load_cuts
+
+    assert check(out) == []
+    for cut in load_cuts(export, "en"):
+        sups = sorted(cut.supervisions, key=lambda s: s.start)
+        assert len(sups) >= 2 and [s.speaker for s in sups] == [("S1", "S2")[k % 2] for k in range(len(sups))]
+        assert 0 <= sups[0].start and sups[-1].end <= cut.duration + 1e-6
+        assert " ".join(f"[{s.speaker}] {s.text}" for s in sups) == cut.custom["text"]
     # Worker time per stage is measured (the audio-hours-per-worker-hour figure of the report).
     costs = {c["stage"]: c for c in data["costs"]}
     assert costs["asr"]["worker_seconds"] > 0 and costs["asr"]["audio_hours"] > 0

@@ -36,7 +36,7 @@ def recording(tmp_path_factory):
         seg = dict(segment_id=f"{name.split('.')[0]}_0000", recording_id=name.split(".")[0], start=max(0.0, turns[0].start - 0.2),
                    end=min(clip.truth.duration, turns[3].end + 0.2), text=clip.truth.transcript, num_turns=4,
                    language="en", speakers=["A", "B"], agreement=None, source="diarization", status="ok", reason=None,
-                   metrics=json.dumps({"words": 20}))
+                   metrics={"words": 20})
         seg["duration"] = round(seg["end"] - seg["start"], 3)
         rows.append(dict(recording_id=seg["recording_id"], source_path=str(d / name), audio_path=str(cache),
                          segments=[seg, dict(seg, segment_id=seg["segment_id"][:-1] + "1", status="rejected", reason="turns: x")]))
@@ -92,9 +92,10 @@ def test_quality_rejects_noisy_segment_and_export_writes_the_corpus(tmp_path, re
     table = manifests.read_manifest_file("export", root / "segments.parquet")
     assert table.num_rows == 1 and table.column("dnsmos_ovrl")[0].as_py() >= 2.0
 
-    from lhotse import CutSet
+    from pipeline.corpus import check, load_cuts
 
-    cuts = CutSet.from_file(root / "cuts.en.jsonl.gz")
+    assert check(root) == []
+    cuts = load_cuts(root, "en")  # paths relative to the corpus folder
     cut = next(iter(cuts))
     assert cut.supervisions[0].text == item["text"] and cut.sampling_rate == 24000
     assert abs(cut.duration - info.frames / 24000) < 1e-3
@@ -104,17 +105,24 @@ def test_quality_rejects_noisy_segment_and_export_writes_the_corpus(tmp_path, re
 
 def test_report_from_manifests(tmp_path, recording):
     _, rows = recording
+    seg = rows[0]["segments"][0]
+    kept = [dict(seg, recording_id="a", source_path="x", path="audio/en/a.mp3", dnsmos_ovrl=3.1, num_turns=4),
+            dict(seg, recording_id="a", segment_id="b", source_path="x", path="audio/en/b.mp3", dnsmos_ovrl=3.4,
+                 num_turns=6, start=20.0, end=32.0),
+            dict(seg, recording_id="a", segment_id="c", language="zh", source_path="x", path="audio/zh/c.mp3",
+                 dnsmos_ovrl=3.0, num_turns=3, start=40.0, end=48.0),
+            # a recording that is not in the ledger (an earlier run's input): not reported
+            dict(seg, recording_id="gone", segment_id="g", source_path="y", path="audio/en/g.mp3")]
+    (tmp_path / "run_config.json").write_text(json.dumps({"stages": [{"name": "quality"}, {"name": "export"}]}))
     for name, rows_ in {
-        "export": [dict(rows[0]["segments"][0], source_path="x", path="audio/en/a.mp3", dnsmos_ovrl=3.1, num_turns=4),
-                   dict(rows[0]["segments"][0], segment_id="b", source_path="x", path="audio/en/b.mp3", dnsmos_ovrl=3.4,
-                        num_turns=6, duration=12.0),
-                   dict(rows[0]["segments"][0], segment_id="c", language="zh", source_path="x", path="audio/zh/c.mp3",
-                        dnsmos_ovrl=3.0, num_turns=3, duration=8.0)],
-        "quality": [dict(rows[1]["segments"][0], dnsmos_ovrl=2.1, status="rejected", reason="dnsmos: OVRL 2.10 < 2.8")],
+        "export": kept,
+        "quality": kept + [dict(rows[1]["segments"][0], recording_id="b", dnsmos_ovrl=2.1, status="rejected",
+                                reason="dnsmos: OVRL 2.10 < 2.8")],
     }.items():
         manifests.write_table(manifests.to_table(name, rows_), tmp_path / "manifests" / name / f"{name}.parquet")
-    ledger = [dict(source_path="a", recording_id="a", status="kept", stage="export", reason=None),
-              dict(source_path="b", recording_id="b", status="rejected", stage="quality", reason="low_quality: all 1 segments"),
+    ledger = [dict(source_path="a", recording_id="a", status="kept", stage="export", reason=None, duration=60.0),
+              dict(source_path="b", recording_id="b", status="rejected", stage="quality", reason="low_quality: all 1 segments",
+                   duration=30.0),
               dict(source_path="c", recording_id="c", status="failed", stage="ingest", reason="corrupt: bad")]
     manifests.write_table(manifests.to_table("ledger", ledger), tmp_path / "ledger.parquet")
     md = write_report(tmp_path)
@@ -123,4 +131,8 @@ def test_report_from_manifests(tmp_path, recording):
     assert (tmp_path / "report" / "distributions.png").stat().st_size > 5000
     data = json.loads((tmp_path / "report" / "report.json").read_text())
     assert data["languages"]["zh"]["segments"] == 1 and data["languages"]["en"]["segments"] == 2
-    assert Path(tmp_path / "report" / "report.md").exists()
+    funnel = data["funnel"]
+    assert [r["files"] for r in funnel][0] == 3  # the ledger's rows
+    assert funnel[0]["audio_seconds"] == 90.0 and funnel[-1]["segments"] == 3
+    assert funnel[-1]["audio_seconds"] == pytest.approx(seg["end"] - seg["start"] + 12.0 + 8.0)
+    assert "| input | input files (ledger rows) | 3 |  | 0:01:30 | 100.0% |" in text

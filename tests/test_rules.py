@@ -350,9 +350,9 @@ def test_stage_sets_segment_verdicts_and_keeps_the_recording():
     assert segs[1]["reason"].startswith("turns: 1 speaker turn")
     assert segs[2]["reason"].startswith("repetition: ")
     assert segs[3] == upstream and "metrics" not in segs[3]  # rejected upstream: left alone
-    m = json.loads(segs[0]["metrics"])
+    m = segs[0]["metrics"]
     assert m["words"] == 13 and m["failed"] == []
-    assert json.loads(segs[2]["metrics"])["failed"] == ["repetition", "hallucination"]
+    assert segs[2]["metrics"]["failed"] == ["repetition", "hallucination"]
     assert row["segments"][0].get("metrics") is None  # the input rows are not mutated
 
 
@@ -390,7 +390,8 @@ def test_manifest_rows_fit_the_rules_schema(tmp_path):
     reasons = table.column("reason").to_pylist()
     assert reasons[0] is None and reasons[1].startswith("hallucination: ") and reasons[2] == "segments: too short"
     metrics = table.column("metrics").to_pylist()
-    assert json.loads(metrics[0])["scripts"] == {"han": 1.0} and metrics[2] is None
+    # A struct column (a map for the scripts), not a JSON string.
+    assert dict(metrics[0]["scripts"]) == {"han": 1.0} and metrics[0]["words"] > 0 and metrics[2] is None
     path = tmp_path / "rules.parquet"
     manifests.write_table(table, path)
     assert manifests.read_manifest_file("rules", path).num_rows == 3

@@ -24,9 +24,13 @@ from pipeline.backends import BackendSections
 from pipeline.backends.llm import BACKENDS
 from pipeline.backends.llm.base import Classifier, PromptConfig, Verdict
 from pipeline.backends.llm.heuristic import judge, speaker_reason, turn_stats
+from pipeline.scores import ScoreStore, key_of, scoring_fingerprint
 from pipeline.stage import Resources, Stage, StageConfig
 
 MAX_ANSWER_CHARS = 500
+# What a backend reads of a recording: a verdict is stored under a hash of these fields.
+_SEEN = ("turns", "exclusive_turns", "overlaps", "utterances", "num_speakers", "speaker_durations",
+         "overlap_ratio", "duration", "language", "speech_duration")
 
 
 class ClassificationConfig(StageConfig, BackendSections):
@@ -57,6 +61,8 @@ class ClassificationStage(Stage):
     Config = ClassificationConfig
     manifest = "classification"
     version = "1"
+    # The backends' verdicts are stored (pipeline/scores.py); these only decide what they mean.
+    thresholds = ("threshold", "prefilter")
     default_resources = Resources(num_cpus=1, num_gpus=0, batch_size=8, concurrency=1)
     needs = ("turns",)
 
@@ -69,6 +75,7 @@ class ClassificationStage(Stage):
     def __init__(self, config: ClassificationConfig, ctx, backend: Classifier | None = None):
         """``backend`` replaces the configured one (tests; a caller that already holds a model)."""
         self.backend = backend
+        self._given = backend is not None
         super().__init__(config, ctx)
 
     def setup(self):
@@ -84,16 +91,31 @@ class ClassificationStage(Stage):
             self.backend = config.build_backend(config.backend, ctx.device, ctx.num_threads,
                                                 **({"prompt": config.prompt} if wants_prompt else {}))
         self.is_llm = self.backend is not self.heuristic
+        # A backend handed in by the caller is not described by the config: its verdicts are not stored.
+        self.store = None if self._given else \
+            ScoreStore(ctx.output_dir, ctx.name, scoring_fingerprint(type(self), config))
 
     def process(self, rows):
         out: list[dict | None] = [self._precheck(r) for r in rows]
         todo = [i for i, r in enumerate(out) if r is None]
-        verdicts = self.backend.classify([rows[i] for i in todo]) if todo else []
-        if len(verdicts) != len(todo):
-            raise RuntimeError(f"{self.backend.name} backend returned {len(verdicts)} verdicts for {len(todo)} rows")
+        verdicts = self._verdicts([rows[i] for i in todo]) if todo else []
         for i, v in zip(todo, verdicts):
             out[i] = self._apply(rows[i], v, self.backend)
         return out
+
+    def _verdicts(self, rows: list[dict]) -> list[Verdict]:
+        """The backend's verdicts, stored ones first: an unchanged transcript is not asked twice."""
+        keys = [key_of({k: r.get(k) for k in _SEEN}) for r in rows]
+        stored = self.store.get(keys) if self.store else {}
+        ask = [i for i, k in enumerate(keys) if k not in stored]
+        new = self.backend.classify([rows[i] for i in ask]) if ask else []
+        if len(new) != len(ask):
+            raise RuntimeError(f"{self.backend.name} backend returned {len(new)} verdicts for {len(ask)} rows")
+        if self.store:
+            # Unusable answers are not stored: the next run asks again.
+            self.store.put({keys[i]: asdict(v) for i, v in zip(ask, new) if v.error is None})
+        got = dict(zip(ask, new))
+        return [got[i] if i in got else Verdict(**stored[k]) for i, k in enumerate(keys)]
 
     def _precheck(self, row: dict) -> dict | None:
         """A finished row when the recording needs no backend call, else None."""

@@ -1,16 +1,15 @@
 """Export: the kept dialogue segments as an OpenDialog-layout corpus.
 
-``<output>/<dir>/`` gets ``audio/<lang>/<segment_id>.mp3`` (24 kHz mono, cut from the ORIGINAL
-source file and resampled once at full quality), ``manifest.<lang>.jsonl`` (``id``, ``text``,
-``path`` relative to the export folder: the released OpenDialog layout, read directly by the
-trainer), ``cuts.<lang>.jsonl.gz`` (lhotse MonoCut lines) and ``segments.parquet`` (every metric
-gathered along the pipeline, one row per exported segment).
+Workers encode each kept segment's audio (24 kHz mono, cut from the ORIGINAL source file and
+resampled once at full quality) into the audio store ``<output>/cache/export/``, named by an audio
+key (the source file's identity, the span and the encoding settings): a segment whose key is
+already there is not encoded again. Nothing is written into the corpus folder while a run works:
+at the end of a run that finished, ``finalize`` builds the corpus of exactly the kept segments and
+swaps it in whole (``pipeline/corpus.py``).
 """
 
 from __future__ import annotations
 
-import gzip
-import json
 import os
 from pathlib import Path, PurePosixPath
 from typing import Literal
@@ -19,10 +18,11 @@ import numpy as np
 import soundfile as sf
 from pydantic import Field, field_validator
 
-from pipeline import manifests
+from pipeline import corpus, manifests
 from pipeline.atomic import atomic_write
 from pipeline.audio import read_source_span, sanitize
 from pipeline.inputs import fs_path
+from pipeline.scores import key_of
 from pipeline.stage import LANGUAGE_CODE, Resources, Stage, StageConfig
 
 SUFFIX = {"mp3": ".mp3", "flac": ".flac", "wav": ".wav"}
@@ -72,14 +72,14 @@ def write_segment_audio(path: Path, audio: np.ndarray, sample_rate: int, fmt: st
 class ExportStage(Stage):
     Config = ExportConfig
     manifest = "export"
-    version = "1"
+    version = "2"  # audio into the store, the corpus built at the end of the run
     default_resources = Resources(num_cpus=1, batch_size=4, concurrency=(1, 2))
     needs = ("source_path", "segments")
     adds = ()  # segments: path, status, reason
 
     def process(self, rows):
         cfg = self.config
-        root = self.ctx.output_dir / cfg.dir
+        store = self.ctx.output_dir / corpus.STORE
         out = []
         for row in rows:
             segs = [s for s in row.get("segments") or [] if s["status"] == "ok"]
@@ -89,16 +89,24 @@ class ExportStage(Stage):
                     if not LANGUAGE_CODE.match(lang):
                         raise ValueError(f"language {lang!r} is not a language code")
                     rel = Path("audio") / lang / f"{seg['segment_id']}{SUFFIX[cfg.format]}"
-                    inside(root, root / rel)
-                    audio = sanitize(read_source_span(fs_path(row["source_path"]), seg["start"], seg["end"],
-                                                      cfg.sample_rate))
-                    if not len(audio):
-                        raise ValueError("no samples in the source span")
-                    if cfg.peak_normalize and np.abs(audio).max() > 0:
-                        audio = audio * (0.891 / np.abs(audio).max())
-                    write_segment_audio(root / rel, audio, cfg.sample_rate, cfg.format)
-                    seg["path"] = rel.as_posix()
-                    seg["exported_duration"] = round(len(audio) / cfg.sample_rate, 4)
+                    inside(Path("/corpus"), Path("/corpus") / rel)
+                    src = fs_path(row["source_path"])
+                    st = os.stat(src)
+                    key = key_of("export", 1, st.st_size, st.st_mtime_ns, round(seg["start"], 4), round(seg["end"], 4),
+                                 cfg.format, cfg.sample_rate, cfg.peak_normalize)
+                    target = store / key[:2] / f"{key}{SUFFIX[cfg.format]}"
+                    if target.exists():  # encoded by an earlier run: the same audio
+                        frames = sf.info(str(target)).frames
+                    else:
+                        audio = sanitize(read_source_span(src, seg["start"], seg["end"], cfg.sample_rate))
+                        if not len(audio):
+                            raise ValueError("no samples in the source span")
+                        if cfg.peak_normalize and np.abs(audio).max() > 0:
+                            audio = audio * (0.891 / np.abs(audio).max())
+                        write_segment_audio(target, audio, cfg.sample_rate, cfg.format)
+                        frames = len(audio)
+                    seg["path"], seg["audio_key"] = rel.as_posix(), key
+                    seg["exported_duration"] = round(frames / cfg.sample_rate, 4)
                 except Exception as e:  # noqa: BLE001 - one bad segment must not lose the others
                     seg["status"], seg["reason"] = "failed", f"export: {type(e).__name__}: {e}"[:300]
             kept = sum(s["status"] == "ok" for s in segs)
@@ -112,75 +120,8 @@ class ExportStage(Stage):
 
     @classmethod
     def finalize(cls, config: ExportConfig, output_dir: Path) -> None:
-        root = output_dir / config.dir
         try:
-            table = manifests.read_manifest(output_dir, "export", "export")
+            manifests.read_manifest(output_dir, "export", "export")
         except manifests.ManifestError:
             return
-        rows = [r for r in table.to_pylist() if r["status"] == "ok"]
-        root.mkdir(parents=True, exist_ok=True)
-        _remove_unlisted_audio(root, {r["path"] for r in rows})
-        manifests.write_table(manifests.to_table("export", rows), root / "segments.parquet")
-        by_lang: dict[str, list[dict]] = {}
-        for r in rows:
-            by_lang.setdefault(r["language"] or "und", []).append(r)
-        for old in list(root.glob("manifest.*.jsonl")) + list(root.glob("cuts.*.jsonl.gz")):
-            if old.name.split(".")[1] not in by_lang:
-                old.unlink()
-        for lang, items in by_lang.items():
-            _atomic_text(root / f"manifest.{lang}.jsonl", "".join(
-                json.dumps({"id": r["segment_id"], "text": r["text"], "path": r["path"]}, ensure_ascii=False) + "\n"
-                for r in items))
-            _atomic_gzip(root / f"cuts.{lang}.jsonl.gz", "".join(
-                json.dumps(_lhotse_cut(r, config.sample_rate, root), ensure_ascii=False) + "\n" for r in items))
-
-
-def _lhotse_cut(r: dict, sample_rate: int, root: Path) -> dict:
-    """A lhotse MonoCut dict: the recording is the exported file, the supervision the whole of it."""
-    path = root / r["path"]
-    num_samples = sf.info(str(path)).frames if path.exists() else int(round(r["duration"] * sample_rate))
-    duration = round(num_samples / sample_rate, 6)
-    rec_id = Path(r["path"]).stem
-    return {
-        "id": r["segment_id"],
-        "start": 0.0,
-        "duration": duration,
-        "channel": 0,
-        "supervisions": [{
-            "id": r["segment_id"], "recording_id": rec_id, "start": 0.0, "duration": duration, "channel": 0,
-            "text": r["text"], "language": r["language"],
-            "custom": {"source_recording_id": r["recording_id"], "source_start": r["start"], "source_end": r["end"],
-                       "num_turns": r["num_turns"], "dnsmos_ovrl": r["dnsmos_ovrl"], "agreement": r["agreement"]},
-        }],
-        "recording": {
-            "id": rec_id,
-            "sources": [{"type": "file", "channels": [0], "source": str(path.resolve())}],
-            "sampling_rate": sample_rate, "num_samples": num_samples, "duration": duration, "channel_ids": [0],
-        },
-        "type": "MonoCut",
-    }
-
-
-def _remove_unlisted_audio(root: Path, listed: set[str]) -> None:
-    """Audio files of segments that left the corpus (their input was removed or changed, or a
-    config change dropped them) go too: the folder holds exactly what the manifests list."""
-    audio = root / "audio"
-    if not audio.is_dir():
-        return
-    for dirpath, _, names in os.walk(audio):
-        for name in names:
-            p = Path(dirpath) / name
-            if p.suffix in SUFFIX.values() and p.relative_to(root).as_posix() not in listed:
-                p.unlink(missing_ok=True)
-
-
-def _atomic_text(path: Path, text: str) -> None:
-    atomic_write(path, text)
-
-
-def _atomic_gzip(path: Path, text: str) -> None:
-    def write(tmp: Path) -> None:
-        with gzip.open(tmp, "wt", encoding="utf-8") as f:
-            f.write(text)
-
-    atomic_write(path, write)
+        corpus.publish(output_dir, output_dir / config.dir, config.sample_rate)

@@ -1,14 +1,18 @@
 """Quality: DNSMOS P.835 (OVRL/SIG/BAK) per dialogue segment; segments under the cutoff are rejected.
 
 The paper keeps segments with OVRL >= 2.8. Scores are computed on the 16 kHz analysis copy, the
-input DNSMOS is defined on.
+input DNSMOS is defined on. They are stored apart from the cutoffs (``pipeline/scores.py``): a
+changed cutoff re-filters the stored scores without loading the model.
 """
 
 from __future__ import annotations
 
+import os
+
 from pydantic import Field
 
 from pipeline.audio import read_span
+from pipeline.scores import ScoreStore, key_of, scoring_fingerprint
 from pipeline.stage import Resources, Stage, StageConfig
 
 
@@ -22,30 +26,53 @@ class QualityStage(Stage):
     Config = QualityConfig
     manifest = "quality"
     version = "1"
+    thresholds = ("min_ovrl", "min_sig", "min_bak")
     default_resources = Resources(num_cpus=1, batch_size=4, concurrency=1)
     needs = ("audio_path", "segments")
     adds = ()  # segments: dnsmos_ovrl, dnsmos_sig, dnsmos_bak, status, reason
 
     def setup(self):
-        ctx = self.ctx
-        from filters.dnsmos import DNSMOS
+        # An actor: the DNSMOS model is loaded on the first segment without a stored score.
+        self._dnsmos = None
+        self.store = ScoreStore(self.ctx.output_dir, self.ctx.name, scoring_fingerprint(type(self), self.config))
 
-        providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if ctx.device == "cuda" else None
-        self.dnsmos = DNSMOS(num_threads=ctx.num_threads, providers=providers)
+    @property
+    def dnsmos(self):
+        if self._dnsmos is None:
+            from filters.dnsmos import DNSMOS
+
+            providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if self.ctx.device == "cuda" else None
+            self._dnsmos = DNSMOS(num_threads=self.ctx.num_threads, providers=providers)
+        return self._dnsmos
+
+    @staticmethod
+    def _key(row: dict, seg: dict) -> str:
+        # The analysis copy is rewritten when its source changes (or ingest runs again): its size
+        # and mtime name the audio that was scored.
+        st = os.stat(row["audio_path"])
+        return key_of("dnsmos", st.st_size, st.st_mtime_ns, round(seg["start"], 4), round(seg["end"], 4))
 
     def process(self, rows):
-        # All segments of the batch go through the model together (windows are batched).
         todo = [(r, s) for r in rows for s in r.get("segments") or [] if s["status"] == "ok"]
-        clips = [read_span(r["audio_path"], s["start"], s["end"])[0] for r, s in todo]
-        scores = self.dnsmos.score_batch(clips) if clips else []
+        keys = [self._key(r, s) for r, s in todo]
+        stored = self.store.get(keys)
+        missing = [i for i, k in enumerate(keys) if k not in stored]
+        if missing:
+            # All new segments of the batch go through the model together (windows are batched).
+            clips = [read_span(todo[i][0]["audio_path"], todo[i][1]["start"], todo[i][1]["end"])[0] for i in missing]
+            new = {keys[i]: {k: float(v) for k, v in sc.items() if k in ("ovrl", "sig", "bak")}
+                   for i, sc in zip(missing, self.dnsmos.score_batch(clips))}
+            self.store.put(new)
+            stored.update(new)
         cfg = self.config
-        for (_, seg), sc in zip(todo, scores):
+        for (_, seg), key in zip(todo, keys):
+            sc = stored[key]
             seg.update(dnsmos_ovrl=round(sc["ovrl"], 4), dnsmos_sig=round(sc["sig"], 4), dnsmos_bak=round(sc["bak"], 4))
             checks = [("ovrl", cfg.min_ovrl), ("sig", cfg.min_sig), ("bak", cfg.min_bak)]
-            for key, cut in checks:
-                if cut is not None and sc[key] < cut:
+            for name, cut in checks:
+                if cut is not None and sc[name] < cut:
                     seg["status"] = "rejected"
-                    seg["reason"] = f"dnsmos: {key.upper()} {sc[key]:.2f} < {cut}"
+                    seg["reason"] = f"dnsmos: {name.upper()} {sc[name]:.2f} < {cut}"
                     break
         out = []
         for r in rows:

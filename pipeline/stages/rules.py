@@ -7,7 +7,7 @@ keeps the recording while at least one of its segments passes.
 
 from __future__ import annotations
 
-import json
+import math
 from collections import Counter
 
 from filters.rules import RulesConfig, apply_rules
@@ -18,10 +18,15 @@ class RulesStageConfig(StageConfig, RulesConfig):
     """The rules' thresholds as a stage section (with ``uses`` and ``resources``)."""
 
 
+def _finite(metrics: dict) -> dict:
+    """NaN/inf metrics become null: rows travel as JSON and end as Parquet structs."""
+    return {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in metrics.items()}
+
+
 class RulesStage(Stage):
     Config = RulesStageConfig
     manifest = "rules"
-    version = "1"
+    version = "2"  # metrics as a struct
     default_resources = Resources(num_cpus=0.5, batch_size=32, concurrency=2)
     needs = ("segments",)
     adds = ()  # segments: status, reason, metrics
@@ -41,8 +46,7 @@ class RulesStage(Stage):
             v = apply_rules(seg, self.config)
             if not v.ok:
                 failed[v.rule] += 1
-            out.append(dict(seg, status="ok" if v.ok else "rejected", reason=v.reason,
-                            metrics=json.dumps(v.metrics, sort_keys=True, ensure_ascii=False, allow_nan=False)))
+            out.append(dict(seg, status="ok" if v.ok else "rejected", reason=v.reason, metrics=_finite(v.metrics)))
         r = dict(row, segments=out, status="ok", reason=None)
         if checked == 0:
             r["status"], r["reason"] = "rejected", "rules: no segment with status ok to check"

@@ -27,7 +27,7 @@ from pipeline.segmentation import (
     map_tags_to_speakers,
     parse_tagged,
     split_at_silences,
-    tagged_text,
+    tag_turns,
     turns_from_utterances,
 )
 from pipeline.stage import Resources, Stage, StageConfig
@@ -98,15 +98,19 @@ class SegmentStage(Stage):
     @staticmethod
     def _segment(chunk: Chunk, language: str, source: str) -> dict:
         return dict(start=chunk.start, end=chunk.end, duration=round(chunk.duration, 3), text=None, num_turns=0,
-                    language=language, speakers=[], agreement=None, source=source, status="ok", reason=None)
+                    language=language, speakers=[], turns=[], agreement=None, source=source, status="ok", reason=None)
 
     def _finish(self, seg: dict, turns, key: str, sep: str) -> dict:
         try:
-            text, order = tagged_text(turns, key=key, sep=sep)
+            parts, order = tag_turns(turns, key=key, sep=sep)
         except ValueError as e:
             seg["status"], seg["reason"] = "rejected", f"speakers: {e}"
             return seg
-        seg.update(text=text, num_turns=text.count("[S"), speakers=order)
+        text = " ".join(f"[{p['speaker']}] {p['text']}" for p in parts)
+        # Turn spans stay inside the segment (an utterance may start in the padding before it).
+        spans = [dict(p, start=round(max(seg["start"], p["start"]), 3), end=round(min(seg["end"], p["end"]), 3))
+                 for p in parts if p["start"] is not None and p["end"] is not None]
+        seg.update(text=text, num_turns=text.count("[S"), speakers=order, turns=spans)
         if not text:
             seg["status"], seg["reason"] = "rejected", "empty: no words in segment"
         return seg

@@ -1,13 +1,21 @@
 """VAD: speech spans per recording, from a VAD backend's window probabilities (default: silero-vad,
-``pipeline/backends/vad/silero.py``)."""
+``pipeline/backends/vad/silero.py``).
+
+The probabilities are stored (``pipeline/scores.py``) apart from the thresholds that turn them
+into spans: a threshold change re-derives the spans without running the model.
+"""
 
 from __future__ import annotations
+
+import base64
+import os
 
 import numpy as np
 from pydantic import Field, model_validator
 
 from pipeline.backends import BackendSections
 from pipeline.backends.vad import BACKENDS
+from pipeline.scores import ScoreStore, key_of, scoring_fingerprint
 from pipeline.stage import Resources, Stage, StageConfig
 
 
@@ -85,16 +93,39 @@ class VadStage(Stage):
     default_resources = Resources(num_cpus=1, batch_size=8, concurrency=1)
     needs = ("audio_path", "duration")
     adds = ("speech", "speech_duration", "num_segments")
+    thresholds = ("threshold", "neg_threshold", "min_speech_duration", "min_silence_duration", "speech_pad",
+                  "max_speech_duration", "min_total_speech")
 
     def setup(self):
-        config, ctx = self.config, self.ctx
-        self.model = config.build_backend(config.backend, ctx.device, ctx.num_threads)
+        self._model = None  # loaded for the first recording without stored probabilities
+        self.store = ScoreStore(self.ctx.output_dir, self.ctx.name, scoring_fingerprint(type(self), self.config))
+
+    @property
+    def model(self):
+        if self._model is None:
+            self._model = self.config.build_backend(self.config.backend, self.ctx.device, self.ctx.num_threads)
+        return self._model
+
+    def _probabilities(self, rows) -> list[tuple[np.ndarray, float]]:
+        """(window probabilities, seconds per window) of each recording, stored ones first. The
+        analysis copy's size and mtime name the audio (it is rewritten when its source changes)."""
+        keys = [key_of("vad", os.stat(r["audio_path"]).st_size, os.stat(r["audio_path"]).st_mtime_ns) for r in rows]
+        stored = self.store.get(keys)
+        missing = [i for i, k in enumerate(keys) if k not in stored]
+        if missing:
+            probs = self.model.probabilities([rows[i]["audio_path"] for i in missing])
+            new = {keys[i]: {"hop": self.model.hop,
+                             "prob": base64.b64encode(np.asarray(p, "<f4").tobytes()).decode("ascii")}
+                   for i, p in zip(missing, probs)}
+            self.store.put(new)
+            stored.update(new)
+        return [(np.frombuffer(base64.b64decode(stored[k]["prob"]), "<f4").copy(), stored[k]["hop"]) for k in keys]
 
     def process(self, rows):
-        probs = self.model.probabilities([r["audio_path"] for r in rows])
+        probs = self._probabilities(rows)
         out = []
-        for row, prob in zip(rows, probs):
-            spans = speech_spans(prob, row["duration"], self.config, self.model.hop)
+        for row, (prob, hop) in zip(rows, probs):
+            spans = speech_spans(prob, row["duration"], self.config, hop)
             total = round(sum(b - a for a, b in spans), 3)
             r = dict(row, speech=[{"start": a, "end": b} for a, b in spans], speech_duration=total,
                      num_segments=len(spans), status="ok", reason=None)
