@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import zlib
 from pathlib import Path
 
 import numpy as np
@@ -89,20 +88,11 @@ class FasterWhisperBackend:
             out += self._batch([xs[i] for i in idx], language)
         return out
 
-    @staticmethod
-    def _seed(xs: list[np.ndarray]) -> None:
-        """Whisper's temperature fallback samples; seeding from the audio itself makes a rerun (or a
-        resumed run) write the same transcript for the same audio, whatever was decoded before."""
-        import ctranslate2
-
-        ctranslate2.set_random_seed(zlib.crc32(b"".join(x.tobytes() for x in xs)))
-
     def _common(self) -> dict:
         return dict(beam_size=self.options.beam_size, word_timestamps=True, vad_filter=False,
                     condition_on_previous_text=False, max_new_tokens=self.options.max_new_tokens)
 
     def _one(self, x: np.ndarray, language: str | None) -> Transcript:
-        self._seed([x])
         segments, _ = self.model.transcribe(x, language=language, without_timestamps=False, **self._common())
         words = [w for s in segments for w in (s.words or [])]
         return _transcript(words, 0.0, len(x) / ANALYSIS_SR)
@@ -111,7 +101,6 @@ class FasterWhisperBackend:
         """One batched call: the items laid end to end, each its own clip (so its own window)."""
         offsets = np.cumsum([0] + [len(x) for x in xs])
         clips = [{"start": a / ANALYSIS_SR, "end": b / ANALYSIS_SR} for a, b in zip(offsets, offsets[1:])]
-        self._seed(xs)
         segments, _ = self.batched.transcribe(np.concatenate(xs), language=language, clip_timestamps=clips,
                                               batch_size=len(xs), multilingual=language is None, **self._common())
         per_item: list[list] = [[] for _ in xs]
