@@ -313,11 +313,11 @@ def _tiny_whisper(path):
 
 
 def test_whisper_asr_local_directory(tmp_path):
-    from model.eval.asr import WhisperASR, load_asr
+    from model.eval.asr import BackendASR, load_asr
 
     _tiny_whisper(tmp_path / "whisper")
     asr = load_asr(str(tmp_path / "whisper"), device="cpu")
-    assert isinstance(asr, WhisperASR)
+    assert isinstance(asr, BackendASR)
     rng = np.random.default_rng(0)
     out = asr([rng.standard_normal(SR).astype(np.float32) * 0.1, rng.standard_normal(SR * 2).astype(np.float32) * 0.1])
     assert len(out) == 2 and all(isinstance(t, str) for t in out)
