@@ -152,7 +152,7 @@ def reference_model(ref_dir: Path, ours: torch.nn.Module):
     return ref, RefScaledAdam
 
 
-def _one_side(which: str, ref_dir: Path | None, batch_size: int, seconds: float, steps: int) -> dict:
+def _one_side(which: str, ref_dir: Path | None) -> dict:
     table = token_table()
     torch.manual_seed(0)
     model = build_model("zipvoice_dialog", read_model_config(ROOT / "configs/model/zipvoice_base.json"),
@@ -169,7 +169,7 @@ def _one_side(which: str, ref_dir: Path | None, batch_size: int, seconds: float,
 
 def compare_reference(ref_dir: Path, batch_size: int, seconds: float, steps: int) -> dict:
     """Median wall and process-CPU seconds of our step and the reference's, alternating."""
-    sides = {w: _one_side(w, ref_dir, batch_size, seconds, steps) for w in ("ours", "reference")}
+    sides = {w: _one_side(w, ref_dir) for w in ("ours", "reference")}
     tokens, feats, lens = make_batch(batch_size, seconds, token_table())
     dev = torch.device("cpu")
     times = {w: {"wall": [], "cpu": []} for w in sides}
@@ -200,7 +200,7 @@ def compare_reference(ref_dir: Path, batch_size: int, seconds: float, steps: int
 
 
 def peak_memory_of(which: str, ref_dir: Path, batch_size: int, seconds: float) -> dict:
-    s = _one_side(which, ref_dir, batch_size, seconds, 2)
+    s = _one_side(which, ref_dir)
     tokens, feats, lens = make_batch(batch_size, seconds, token_table())
     for _ in range(2):  # the second step has the optimizer state allocated
         out = training_step(s["model"], s["optimizer"], s["scaler"], tokens, feats, lens,
