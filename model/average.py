@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from pipeline import clitools
+from pipeline.atomic import atomic_write
 
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)\.pt$")
 
@@ -110,10 +111,7 @@ def _average(args) -> int:
     name = (f"iter-{args.iteration}-avg-{args.avg}.pt" if args.iteration is not None
             else f"epoch-{args.epoch}-avg-{args.avg}.pt")
     out = Path(args.out) if args.out else Path(args.exp_dir) / name
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(out.suffix + ".tmp")
-    torch.save({"model": sd}, tmp)
-    os.replace(tmp, out)
+    atomic_write(out, lambda tmp: torch.save({"model": sd}, tmp))
     print(f"wrote {out}: {info}")
     return 0
 

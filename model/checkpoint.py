@@ -14,7 +14,9 @@ with `guidance_scale_embed`) is recognised from the keys.
 from __future__ import annotations
 
 import json
+import logging
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,13 +27,17 @@ from model.tokenizer import PAD_TOKEN, SPK_A_TOKEN, SPK_B_TOKEN, read_tokens, wr
 from model.zipvoice import (
     DISTILL_SUFFIX,
     MODEL_CLASSES,
-    MODEL_CONFIG_KEYS,
     ZipVoice,
+    ZipVoiceConfig,
     ZipVoiceDialog,
     ZipVoiceDialogStereo,
 )
+from pipeline.atomic import atomic_write
+
+log = logging.getLogger(__name__)
 
 FEATURE_CONFIG = {"sampling_rate": 24000, "type": "vocos"}
+CHECKPOINT_RE = re.compile(r"^(checkpoint|epoch)-(\d+)\.pt$")
 # The dialog token file is the ZipVoice file plus exactly this many appended tokens.
 NUM_DIALOG_EXTRA_TOKENS = 28
 MODEL_FILENAMES = ("model.pt", "model.safetensors")
@@ -55,37 +61,17 @@ def read_model_config(path: str | os.PathLike) -> dict:
         raise ValueError(f"{path}: not valid JSON ({e})") from None
     if not isinstance(config, dict) or not isinstance(config.get("model"), dict):
         raise ValueError(f"{path}: expected an object with a 'model' section")
-    model_cfg = config["model"]
-    missing = [k for k in MODEL_CONFIG_KEYS if k not in model_cfg]
-    unknown = [k for k in model_cfg if k not in MODEL_CONFIG_KEYS]
-    if missing or unknown:
-        raise ValueError(f"{path}: 'model' section: missing keys {missing}, unknown keys {unknown}")
-    _check_model_types(path, model_cfg)
+    model_cfg = ZipVoiceConfig.from_dict(config["model"], str(path))
     feature = config.get("feature", FEATURE_CONFIG)
     if feature.get("type", "vocos") != "vocos" or int(feature.get("sampling_rate", 24000)) != 24000:
         raise ValueError(f"{path}: only 24 kHz vocos features are supported, got {feature}")
-    return {"model": dict(model_cfg), "feature": dict(feature)}
+    return {"model": model_cfg.to_dict(), "feature": dict(feature)}
 
 
-def _check_model_types(path: Path, model_cfg: dict) -> None:
-    """Each value a positive integer, or (per decoder stack) a list of them as long as
-    ``fm_decoder_downsampling_factor``: a wrong value names its key and the file, not a layer."""
-    def positive_int(v) -> bool:
-        return isinstance(v, int) and not isinstance(v, bool) and v > 0
-
-    stacks = model_cfg["fm_decoder_downsampling_factor"]
-    if not (isinstance(stacks, list) and stacks and all(positive_int(v) for v in stacks)):
-        raise ValueError(f"{path}: model.fm_decoder_downsampling_factor must be a non-empty list of "
-                         f"positive integers, got {stacks!r}")
-    for key, value in model_cfg.items():
-        if isinstance(value, list):
-            if len(value) != len(stacks) or not all(positive_int(v) for v in value):
-                raise ValueError(f"{path}: model.{key} must be {len(stacks)} positive integers (one per "
-                                 f"fm_decoder_downsampling_factor stack), got {value!r}")
-        elif key in ("fm_decoder_num_layers", "fm_decoder_cnn_module_kernel"):
-            raise ValueError(f"{path}: model.{key} must be a list of {len(stacks)} positive integers, got {value!r}")
-        elif not positive_int(value):
-            raise ValueError(f"{path}: model.{key} must be a positive integer, got {value!r}")
+def write_model_config(path: str | os.PathLike, config: ZipVoiceConfig) -> None:
+    """model.json: the 18 keys under "model" and the (fixed) feature section; atomically."""
+    text = json.dumps({"model": config.to_dict(), "feature": dict(FEATURE_CONFIG)}, indent=2)
+    atomic_write(Path(path), text + "\n")
 
 
 def strip_ddp_prefix(state_dict: StateDict) -> StateDict:
@@ -146,7 +132,8 @@ def build_model(variant: str, model_config: dict, token2id: dict[str, int], **kw
     if variant not in MODEL_CLASSES:
         raise ValueError(f"unknown model variant {variant!r}; one of {sorted(MODEL_CLASSES)}")
     cfg = model_config.get("model", model_config)
-    return MODEL_CLASSES[variant](**cfg, **token_ids(token2id, variant), **kwargs)
+    config = cfg if isinstance(cfg, ZipVoiceConfig) else ZipVoiceConfig.from_dict(cfg)
+    return MODEL_CLASSES[variant](config, **token_ids(token2id, variant), **kwargs)
 
 
 @dataclass
@@ -222,13 +209,88 @@ def save_model(model: ZipVoice, out_dir: str | os.PathLike, token2id: dict[str, 
     if target.suffix == ".safetensors":
         from safetensors.torch import save_file
 
-        save_file(sd, str(target))
+        atomic_write(target, lambda tmp: save_file(sd, str(tmp)))
     else:
-        torch.save({"model": sd}, target)
-    config = {"model": model.config, "feature": dict(FEATURE_CONFIG)}
-    (out_dir / "model.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
-    write_tokens(out_dir / "tokens.txt", token2id)
+        atomic_write(target, lambda tmp: torch.save({"model": sd}, tmp))
+    write_model_files(out_dir, model, token2id)
     return target
+
+
+def write_model_files(out_dir: Path, model: ZipVoice, token2id: dict[str, int]) -> None:
+    """model.json and tokens.txt of `model`, each written atomically."""
+    write_model_config(out_dir / "model.json", model.config)
+    write_tokens(out_dir / "tokens.txt", token2id)
+
+
+# --------------------------------------------------------------------------------------------
+# Training checkpoints (checkpoint-N.pt / epoch-E.pt of an experiment folder)
+# --------------------------------------------------------------------------------------------
+
+
+def list_checkpoints(exp: Path) -> list[tuple[int, Path]]:
+    """(batch_idx_train, path) of checkpoint-N.pt files, oldest first."""
+    out = []
+    for p in exp.glob("checkpoint-*.pt"):
+        m = CHECKPOINT_RE.match(p.name)
+        if m:
+            out.append((int(m.group(2)), p))
+    return sorted(out)
+
+
+def newest_checkpoint(exp: Path) -> Path | None:
+    """The checkpoint with the most updates among checkpoint-N.pt and epoch-E.pt."""
+    best = None
+    for p in list(exp.glob("checkpoint-*.pt")) + list(exp.glob("epoch-*.pt")):
+        if not CHECKPOINT_RE.match(p.name):
+            continue
+        try:
+            steps = int(read_training_checkpoint(p)["batch_idx_train"])
+        except Exception as e:
+            log.warning("ignoring unreadable checkpoint %s (%s)", p, e)
+            continue
+        if best is None or steps > best[0]:
+            best = (steps, p)
+    return None if best is None else best[1]
+
+
+def read_training_checkpoint(path: Path) -> dict:
+    # mmap: every rank reads the (large) checkpoint without holding a full copy in memory
+    return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+
+
+def save_training_checkpoint(st, path: Path, rng: list) -> None:
+    """Write everything a `model.train.TrainState` needs to resume exactly (model, optimizer,
+    scheduler, grad scaler, sampler position, every rank's RNG states `rng`, model_avg,
+    counters, and what the stage adds), then exp/model.pt (the latest weights) and prune to the
+    newest `keep_last_k` checkpoint-N.pt."""
+    tc = st.cfg.train
+    obj = {"model": model_state_dict(st.model), "optimizer": st.optimizer.state_dict(),
+           "scheduler": st.scheduler.state_dict(), "grad_scaler": st.scaler.state_dict(),
+           "sampler": {"epoch": st.epoch, "position": st.position, "seed": st.sampler.seed,
+                       "world_size": st.env.world_size},
+           "rng": rng, "model_avg": st.model_avg, "batch_idx_train": st.batch_idx_train,
+           "epoch": st.epoch, "average_period": tc.average_period, "stage": st.stage.name,
+           "variant": st.variant, "config": st.cfg.model_dump(mode="json"),
+           **st.stage.checkpoint_extras(st.objective)}
+    atomic_write(path, lambda tmp: torch.save(obj, tmp))
+    atomic_write(path.parent / "model.pt", lambda tmp: torch.save({"model": obj["model"]}, tmp))
+    for _, old in list_checkpoints(path.parent)[: -tc.keep_last_k]:
+        old.unlink(missing_ok=True)
+
+
+def load_training_checkpoint(st, ckpt: dict) -> list:
+    """Restore a `model.train.TrainState` (whose model already holds ckpt["model"]) from a
+    training checkpoint. Returns the saved per-rank RNG states."""
+    st.optimizer.load_state_dict(ckpt["optimizer"])
+    st.scheduler.load_state_dict(ckpt["scheduler"])
+    if ckpt.get("grad_scaler"):
+        st.scaler.load_state_dict(ckpt["grad_scaler"])
+    if st.model_avg is not None and ckpt.get("model_avg") is not None:
+        st.model_avg = {k: v.to(torch.float64).clone() for k, v in ckpt["model_avg"].items()}
+    st.batch_idx_train = st.last_saved = int(ckpt["batch_idx_train"])
+    st.sampler.load_state_dict(ckpt["sampler"])
+    st.epoch, st.position = st.sampler.epoch, st.sampler.position
+    return ckpt.get("rng") or []
 
 
 # --------------------------------------------------------------------------------------------

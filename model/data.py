@@ -42,6 +42,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from model.features import FEAT_SCALE, HOP_LENGTH, SAMPLING_RATE, VocosFbank, load_audio
+from pipeline.atomic import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -353,15 +354,12 @@ def _write_shard(args) -> tuple[int, int]:
         index.append({"id": u.id, "num_frames": int(feats.shape[0]), "text": u.text,
                       "tokens": tokens})
     base = Path(shard_dir) / f"{k:05d}"
-    tmp = base.with_suffix(".safetensors.tmp")
-    save_file(tensors, str(tmp), metadata={"digest": _shard_digest([u.id for u in utts])})
-    os.replace(tmp, base.with_suffix(".safetensors"))
-    tmp = base.with_suffix(".jsonl.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(json.dumps({"digest": _shard_digest([u.id for u in utts]), "count": len(utts)}) + "\n")
-        for row in index:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    os.replace(tmp, base.with_suffix(".jsonl"))
+    digest = _shard_digest([u.id for u in utts])
+    atomic_write(base.with_suffix(".safetensors"),
+                 lambda tmp: save_file(tensors, str(tmp), metadata={"digest": digest}))
+    lines = [json.dumps({"digest": digest, "count": len(utts)})]
+    lines += [json.dumps(row, ensure_ascii=False) for row in index]
+    atomic_write(base.with_suffix(".jsonl"), "".join(line + "\n" for line in lines))
     return k, len(utts)
 
 
@@ -460,9 +458,7 @@ def build_feature_store(utts: list[Utterance], out_dir: str | os.PathLike, *, ch
 
 
 def _atomic_write_json(path: Path, obj) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write(path, json.dumps(obj, indent=1) + "\n")
 
 
 class FeatureStore:

@@ -23,6 +23,8 @@ from collections import Counter
 from pathlib import Path
 from typing import Iterable
 
+from pipeline.atomic import atomic_write
+
 log = logging.getLogger(__name__)
 
 PAD_TOKEN = "_"
@@ -80,9 +82,8 @@ def write_tokens(path: str | os.PathLike, token2id: dict[str, int]) -> None:
     for tok in token2id:
         if tok == "" or any(c in tok for c in "\t\n\r"):
             raise ValueError(f"cannot write {path}: token {tok!r} is empty or holds a tab/newline")
-    with open(path, "w", encoding="utf-8") as f:
-        for tok, idx in sorted(token2id.items(), key=lambda kv: kv[1]):
-            f.write(f"{tok}\t{idx}\n")
+    lines = [f"{tok}\t{idx}\n" for tok, idx in sorted(token2id.items(), key=lambda kv: kv[1])]
+    atomic_write(Path(path), "".join(lines))
 
 
 def build_char_token_table(texts: Iterable[str]) -> dict[str, int]:

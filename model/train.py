@@ -32,7 +32,6 @@ import logging
 import math
 import os
 import random
-import re
 import sys
 import time
 from pathlib import Path
@@ -44,14 +43,18 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from model.checkpoint import (
-    FEATURE_CONFIG,
     build_model,
     detect_variant,
     init_dialog_from_zipvoice,
     init_stereo_from_dialog,
     load_state_dict,
+    load_training_checkpoint,
     model_state_dict,
+    newest_checkpoint,
     read_model_config,
+    read_training_checkpoint,
+    save_training_checkpoint,
+    write_model_files,
 )
 from model.data import (
     BucketBatchSampler,
@@ -63,22 +66,16 @@ from model.data import (
     make_loader,
 )
 from model.optim import Eden, FixedLR, ScaledAdam, grad_scale_update
-from model.tokenizer import get_tokenizer, read_tokens, write_tokens
+from model.tokenizer import get_tokenizer, read_tokens
 from model.zipformer import Regularisation
-from model.zipvoice import (
-    DISTILL_SUFFIX,
-    condition_time_mask,
-    condition_time_mask_suffix,
-    split_stereo_training_features,
-)
+from model.zipvoice import DISTILL_SUFFIX
 from pipeline import clitools
+from pipeline.atomic import atomic_write
 from pipeline.config import apply_overrides
 
 log = logging.getLogger("model.train")
 
-VARIANTS = {"monologue": "zipvoice", "dialog": "zipvoice_dialog", "stereo": "zipvoice_dialog_stereo"}
 STEREO_VARIANTS = ("zipvoice_dialog_stereo", "zipvoice_dialog_stereo" + DISTILL_SUFFIX)
-CHECKPOINT_RE = re.compile(r"^(checkpoint|epoch)-(\d+)\.pt$")
 
 
 # --------------------------------------------------------------------------------------------
@@ -300,7 +297,7 @@ def _model_path(path: str) -> str:
     return str(p)
 
 
-def resolve_model_files(cfg: TrainConfig, resuming: bool) -> tuple[Path, Path]:
+def resolve_model_files(cfg: TrainConfig, stage: "Stage", resuming: bool) -> tuple[Path, Path]:
     """(model.json, tokens.txt) for the model being trained."""
     exp = Path(cfg.exp_dir)
     m = cfg.model
@@ -310,9 +307,7 @@ def resolve_model_files(cfg: TrainConfig, resuming: bool) -> tuple[Path, Path]:
         raise ValueError("model.config is not set and no model.json lies beside model.init_checkpoint")
     tokens = Path(m.token_file) if m.token_file else (exp / "tokens.txt" if resuming else None)
     if tokens is None:
-        if cfg.stage == "dialog" and not m.finetune:
-            raise ValueError("model.token_file must name the ZipVoice-Dialog tokens.txt: the dialog "
-                             "vocabulary is the ZipVoice one plus 28 tokens (fact sheet 5.4)")
+        stage.check_token_file_default()
         tokens = _beside(m.init_checkpoint, "tokens.txt")
         if tokens is None:
             raise ValueError("model.token_file is not set and no tokens.txt lies beside "
@@ -320,32 +315,202 @@ def resolve_model_files(cfg: TrainConfig, resuming: bool) -> tuple[Path, Path]:
     return config, tokens
 
 
-def stage_variant(cfg: TrainConfig, ckpt: dict | None) -> str:
-    """The variant trained: fixed per stage, or for distill the *_distill form of the model in
-    init_checkpoint (or in the checkpoint resumed from)."""
-    if cfg.stage != "distill":
-        return VARIANTS[cfg.stage]
-    if ckpt is not None:
-        return detect_variant(ckpt["model"])
-    if cfg.model.init_checkpoint is None:
-        raise ValueError("stage 'distill' needs model.init_checkpoint: the teacher (distill.stage "
-                         "first) or the stage-1 result (distill.stage second)")
-    path = _model_path(cfg.model.init_checkpoint)
-    found = detect_variant(load_state_dict(path))
-    distilled = found.endswith(DISTILL_SUFFIX)
-    if cfg.distill.stage == "first" and distilled:
-        raise ValueError(f"{path}: holds a distilled model ({found}); distill stage 'first' needs "
-                         "the many-step teacher (set distill.stage=second to continue from it)")
-    if cfg.distill.stage == "second" and not distilled:
-        raise ValueError(f"{path}: holds {found}, not a distilled model; distill stage 'second' "
-                         "starts from the stage-1 result")
-    return found if distilled else found + DISTILL_SUFFIX
+# --------------------------------------------------------------------------------------------
+# Stages: what differs between monologue, dialog, stereo and distill training
+# --------------------------------------------------------------------------------------------
+
+
+class Stage:
+    """One training stage. What differs between variants *within* a stage (prompt masks, the
+    stereo mono/stereo alternation) lives on the model classes; this holds what the stage adds:
+    how the model is initialised, what a step trains, and what a checkpoint carries besides."""
+
+    name = ""
+    variant_name = ""  # the model variant trained
+    has_se_loss = False  # the speaker-exclusive loss is trained and reported
+
+    def __init__(self, cfg: TrainConfig):
+        self.cfg = cfg
+
+    def variant(self, ckpt: dict | None) -> str:
+        return self.variant_name
+
+    def check_token_file_default(self) -> None:
+        """Called when tokens.txt would be taken from beside init_checkpoint."""
+
+    def init_model(self, model) -> str:
+        """Initialise a fresh model (not used when resuming). Returns a description."""
+        m = self.cfg.model
+        if m.init_checkpoint is None:
+            return self.init_random()
+        path = _model_path(m.init_checkpoint)
+        if m.finetune:
+            return self.load_same_variant(model, path)
+        return self.init_from(model, path)
+
+    def init_random(self) -> str:
+        raise ValueError(f"stage {self.name!r} needs model.init_checkpoint: training a dialog model "
+                         "from random weights gives unintelligible speech (paper 4.1)")
+
+    def init_from(self, model, path: str) -> str:
+        return self.load_same_variant(model, path)
+
+    def load_same_variant(self, model, path: str) -> str:
+        sd = load_state_dict(path)
+        found, want = detect_variant(sd), self.variant_name
+        if found != want:
+            raise ValueError(f"{path}: holds a {found} model; stage {self.name!r} "
+                             f"{'with finetune: true ' if self.cfg.model.finetune else ''}needs {want}")
+        model.load_state_dict(sd, strict=True)
+        return f"weights of {path}"
+
+    def objective(self, model, model_config: dict, token2id: dict[str, int], variant: str,
+                  ckpt: dict | None):
+        """What a training step calls: the model itself, or a wrapper holding it."""
+        return model
+
+    def step_kwargs(self) -> dict:
+        return {}
+
+    def after_update(self, objective) -> None:
+        """Called after every optimizer step."""
+
+    def checkpoint_extras(self, objective) -> dict:
+        return {}
+
+    def log_extras(self, out: dict, batch_idx: int) -> dict:
+        """Extra metrics of update `batch_idx` (from 1) for the log."""
+        return {}
+
+    def validation_kwargs(self, t: torch.Tensor, generator: torch.Generator) -> dict:
+        return {"t": t}
+
+
+class MonologueStage(Stage):
+    name, variant_name = "monologue", "zipvoice"
+
+    def init_random(self) -> str:
+        return "random initialisation"
+
+    def init_model(self, model) -> str:
+        m = self.cfg.model
+        if m.init_checkpoint is None:
+            return self.init_random()
+        return self.load_same_variant(model, _model_path(m.init_checkpoint))
+
+
+class DialogStage(Stage):
+    name, variant_name = "dialog", "zipvoice_dialog"
+
+    def check_token_file_default(self) -> None:
+        if not self.cfg.model.finetune:
+            raise ValueError("model.token_file must name the ZipVoice-Dialog tokens.txt: the dialog "
+                             "vocabulary is the ZipVoice one plus 28 tokens (fact sheet 5.4)")
+
+    def init_from(self, model, path: str) -> str:
+        g = torch.Generator().manual_seed(self.cfg.train.seed)
+        init_dialog_from_zipvoice(model, path, generator=g)
+        return (f"curriculum init from ZipVoice {path} "
+                f"(+{model.vocab_size - 28}..{model.vocab_size - 1} new token rows)")
+
+
+class StereoStage(Stage):
+    name, variant_name = "stereo", "zipvoice_dialog_stereo"
+    has_se_loss = True
+
+    def init_from(self, model, path: str) -> str:
+        init_stereo_from_dialog(model, path)
+        return f"stereo init from ZipVoice-Dialog {path}"
+
+    def step_kwargs(self) -> dict:
+        return {"se_loss_weight": self.cfg.train.se_loss_weight}
+
+    def validation_kwargs(self, t, generator) -> dict:
+        return {"t": t, "se_loss_weight": self.cfg.train.se_loss_weight}
+
+    def log_extras(self, out: dict, batch_idx: int) -> dict:
+        return {"se_loss": float(out["se_loss"]), "head": "mono" if (batch_idx - 1) % 2 == 0 else "stereo"}
+
+
+class DistillStage(Stage):
+    """The few-step variant (`model.distill`) of the model in init_checkpoint."""
+
+    name = "distill"
+
+    def variant(self, ckpt: dict | None) -> str:
+        """The *_distill form of the model in init_checkpoint (or in the checkpoint resumed from)."""
+        if ckpt is not None:
+            return detect_variant(ckpt["model"])
+        cfg = self.cfg
+        if cfg.model.init_checkpoint is None:
+            raise ValueError("stage 'distill' needs model.init_checkpoint: the teacher (distill.stage "
+                             "first) or the stage-1 result (distill.stage second)")
+        path = _model_path(cfg.model.init_checkpoint)
+        found = detect_variant(load_state_dict(path))
+        distilled = found.endswith(DISTILL_SUFFIX)
+        if cfg.distill.stage == "first" and distilled:
+            raise ValueError(f"{path}: holds a distilled model ({found}); distill stage 'first' needs "
+                             "the many-step teacher (set distill.stage=second to continue from it)")
+        if cfg.distill.stage == "second" and not distilled:
+            raise ValueError(f"{path}: holds {found}, not a distilled model; distill stage 'second' "
+                             "starts from the stage-1 result")
+        return found if distilled else found + DISTILL_SUFFIX
+
+    def init_model(self, model) -> str:
+        m = self.cfg.model
+        if m.init_checkpoint is None:
+            return self.init_random()
+        path = _model_path(m.init_checkpoint)
+        sd = load_state_dict(path)
+        if self.cfg.distill.stage == "second":
+            model.load_state_dict(sd, strict=True)
+            return f"distill stage 2 from the stage-1 result {path}"
+        # The student is the teacher plus a freshly initialised guidance-scale embedding.
+        missing, unexpected = model.load_state_dict(sd, strict=False)
+        if unexpected or missing != ["fm_decoder.guidance_scale_embed.weight"]:
+            raise ValueError(f"{path}: does not fit the student (missing {missing}, "
+                             f"unexpected {unexpected})")
+        return f"distill stage 1: student = teacher {path} + guidance-scale embedding"
+
+    def objective(self, model, model_config, token2id, variant, ckpt):
+        from model.distill import DistillObjective
+
+        cfg = self.cfg
+        if cfg.distill.stage == "first":
+            teacher = load_teacher(cfg, model_config, token2id, variant)
+            objective = DistillObjective(model, teacher, "first")
+        else:
+            objective = DistillObjective.with_ema_teacher(model, cfg.distill.ema_decay)
+            if ckpt is not None and ckpt.get("model_ema") is not None:
+                objective.teacher.load_state_dict(ckpt["model_ema"], strict=True)
+        objective.teacher.set_attention_backend(cfg.model.attention_backend)
+        return objective
+
+    def after_update(self, objective) -> None:
+        objective.update_teacher()
+
+    def checkpoint_extras(self, objective) -> dict:
+        if self.cfg.distill.stage == "second":
+            return {"model_ema": model_state_dict(objective.teacher)}
+        return {}
+
+    def validation_kwargs(self, t, generator) -> dict:
+        return {"generator": generator}  # t, the step sizes and w from the private generator
+
+
+STAGES: dict[str, type[Stage]] = {s.name: s for s in (MonologueStage, DialogStage, StereoStage,
+                                                       DistillStage)}
+
+
+def make_stage(cfg: TrainConfig) -> Stage:
+    return STAGES[cfg.stage](cfg)
 
 
 def build_for_stage(cfg: TrainConfig, model_config: dict, token2id: dict[str, int],
                     variant: str | None = None):
     reg = Regularisation(**cfg.model.regularisation)
-    return build_model(variant or VARIANTS[cfg.stage], model_config, token2id, regularisation=reg)
+    return build_model(variant or make_stage(cfg).variant_name, model_config, token2id,
+                       regularisation=reg)
 
 
 def load_teacher(cfg: TrainConfig, model_config: dict, token2id: dict[str, int], variant: str):
@@ -358,89 +523,7 @@ def load_teacher(cfg: TrainConfig, model_config: dict, token2id: dict[str, int],
 
 def init_model(cfg: TrainConfig, model) -> str:
     """Initialise a fresh model for the stage (not used when resuming). Returns a description."""
-    m, stage = cfg.model, cfg.stage
-    if m.init_checkpoint is None:
-        if stage == "monologue":
-            return "random initialisation"
-        raise ValueError(f"stage {stage!r} needs model.init_checkpoint: training a dialog model from "
-                         "random weights gives unintelligible speech (paper 4.1)")
-    path = _model_path(m.init_checkpoint)
-    if stage == "distill":
-        sd = load_state_dict(path)
-        if cfg.distill.stage == "second":
-            model.load_state_dict(sd, strict=True)
-            return f"distill stage 2 from the stage-1 result {path}"
-        # The student is the teacher plus a freshly initialised guidance-scale embedding.
-        missing, unexpected = model.load_state_dict(sd, strict=False)
-        if unexpected or missing != ["fm_decoder.guidance_scale_embed.weight"]:
-            raise ValueError(f"{path}: does not fit the student (missing {missing}, "
-                             f"unexpected {unexpected})")
-        return f"distill stage 1: student = teacher {path} + guidance-scale embedding"
-    if stage == "monologue" or m.finetune:
-        sd = load_state_dict(path)
-        found, want = detect_variant(sd), VARIANTS[stage]
-        if found != want:
-            raise ValueError(f"{path}: holds a {found} model; stage {stage!r} "
-                             f"{'with finetune: true ' if m.finetune else ''}needs {want}")
-        model.load_state_dict(sd, strict=True)
-        return f"weights of {path}"
-    if stage == "dialog":
-        g = torch.Generator().manual_seed(cfg.train.seed)
-        init_dialog_from_zipvoice(model, path, generator=g)
-        return f"curriculum init from ZipVoice {path} (+{model.vocab_size - 28}..{model.vocab_size - 1} new token rows)"
-    init_stereo_from_dialog(model, path)
-    return f"stereo init from ZipVoice-Dialog {path}"
-
-
-def write_model_files(exp: Path, model, token2id: dict[str, int]) -> None:
-    config = {"model": model.config, "feature": dict(FEATURE_CONFIG)}
-    _atomic_write_text(exp / "model.json", json.dumps(config, indent=2) + "\n")
-    tmp = exp / "tokens.txt.tmp"
-    write_tokens(tmp, token2id)
-    os.replace(tmp, exp / "tokens.txt")
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
-def _atomic_save(obj, path: Path) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-# --------------------------------------------------------------------------------------------
-# Checkpoints
-# --------------------------------------------------------------------------------------------
-
-
-def list_checkpoints(exp: Path) -> list[tuple[int, Path]]:
-    """(batch_idx_train, path) of checkpoint-N.pt files, oldest first."""
-    out = []
-    for p in exp.glob("checkpoint-*.pt"):
-        m = CHECKPOINT_RE.match(p.name)
-        if m:
-            out.append((int(m.group(2)), p))
-    return sorted(out)
-
-
-def newest_checkpoint(exp: Path) -> Path | None:
-    """The checkpoint with the most updates among checkpoint-N.pt and epoch-E.pt."""
-    best = None
-    for p in list(exp.glob("checkpoint-*.pt")) + list(exp.glob("epoch-*.pt")):
-        if not CHECKPOINT_RE.match(p.name):
-            continue
-        try:
-            steps = int(torch.load(p, map_location="cpu", weights_only=True, mmap=True)["batch_idx_train"])
-        except Exception as e:
-            log.warning("ignoring unreadable checkpoint %s (%s)", p, e)
-            continue
-        if best is None or steps > best[0]:
-            best = (steps, p)
-    return None if best is None else best[1]
+    return make_stage(cfg).init_model(model)
 
 
 def update_model_avg(model_avg: dict, model, batch_idx_train: int, average_period: int) -> None:
@@ -462,17 +545,6 @@ def autocast(device: torch.device, precision: str):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
-def step_features(stage: str, features: torch.Tensor, batch_idx: int) -> torch.Tensor:
-    """Stereo runs alternate mono (even) and stereo (odd) batches of the [ch0|ch1|mix] layout.
-
-    `batch_idx` counts updates from 0 over the whole run, so the alternation is strict across
-    epoch boundaries (the reference counts within the epoch: the same unless an epoch has an odd
-    number of batches, which then gives two mono steps in a row)."""
-    if stage != "stereo":
-        return features
-    return split_stereo_training_features(features, batch_idx)
-
-
 def training_step(model, optimizer, scaler, tokens: list[list[int]], features: torch.Tensor,
                   features_lens: torch.Tensor, *, device: torch.device, precision: str,
                   condition_drop_ratio: float, **model_kwargs) -> dict:
@@ -490,49 +562,34 @@ def training_step(model, optimizer, scaler, tokens: list[list[int]], features: t
 
 
 @torch.no_grad()
-def compute_validation_loss(model, stage: str, loader, device: torch.device, precision: str,
-                            se_loss_weight: float, seed: int = 0, stereo: bool | None = None) -> dict:
+def compute_validation_loss(objective, model, stage: Stage, loader, device: torch.device,
+                            precision: str, seed: int = 0) -> dict:
     """Frame-weighted loss over the dev batches with t_b = b / B and fixed noise and prompt masks
-    (from a private generator: validation never touches the training RNG). Stereo runs validate
-    the stereo path. Distill runs (model = the DistillObjective) draw t, the step sizes and w
-    from the same private generator."""
-    stereo = stage == "stereo" if stereo is None else stereo
-    distill = stage == "distill"
-    suffix_mask = stage != "monologue" if not distill else \
-        getattr(model.student, "spk_embed", None) is not None
-    was_training = model.training
-    model.eval()
+    (from a private generator: validation never touches the training RNG). `model` is the model
+    trained (the student of a distill objective): its prompt mask and validated features."""
+    was_training = objective.training
+    objective.eval()
     g = torch.Generator().manual_seed(seed)
     sums = torch.zeros(3, dtype=torch.float64)  # loss * frames, fm * frames, frames
     se_sum = 0.0
     for batch in loader:
-        feats = batch["features"]
-        if stereo:
-            feats = feats[..., :200]
+        feats = model.validation_features(batch["features"])
         B, T, _ = feats.shape
         lens = batch["features_lens"]
         t = torch.arange(B, dtype=torch.float32) / B
         noise = torch.randn(feats.shape, generator=g)
-        percent = (model.student if distill else model).speech_mask_percent
-        if suffix_mask:
-            mask = condition_time_mask_suffix(lens, percent, T, generator=g)
-        else:
-            mask = condition_time_mask(lens, percent, T, generator=g)
-        if distill:
-            kwargs = {"generator": g}
-        else:
-            kwargs = {"t": t.to(device)}
-            if stage == "stereo":
-                kwargs["se_loss_weight"] = se_loss_weight
+        mask = model.speech_condition_mask(lens, T, generator=g)
+        kwargs = stage.validation_kwargs(t.to(device), g)
         with autocast(device, precision):
-            out = model(batch["tokens"], feats.to(device), lens.to(device), condition_drop_ratio=0.0,
-                        noise=noise.to(device), speech_mask=mask.to(device), **kwargs)
+            out = objective(batch["tokens"], feats.to(device), lens.to(device),
+                            condition_drop_ratio=0.0, noise=noise.to(device),
+                            speech_mask=mask.to(device), **kwargs)
         frames = float(out["num_frames"])
         sums += torch.tensor([float(out["loss"]) * frames, float(out["fm_loss"]) * frames, frames],
                              dtype=torch.float64)
         if "se_loss" in out:
             se_sum += float(out["se_loss"]) * frames
-    model.train(was_training)
+    objective.train(was_training)
     return {"sums": sums, "se_sum": se_sum}
 
 
@@ -588,7 +645,7 @@ class _Logs:
             # Lines after the checkpoint belong to work that is redone now.
             keep = [line for line in metrics.read_text(encoding="utf-8").splitlines()
                     if line.strip() and json.loads(line).get("step", 0) <= resume_step]
-            _atomic_write_text(metrics, "".join(line + "\n" for line in keep))
+            atomic_write(metrics, "".join(line + "\n" for line in keep))
         elif metrics.is_file():
             metrics.unlink()
         self.metrics = open(metrics, "a", encoding="utf-8")
@@ -621,6 +678,45 @@ class _Logs:
             self.handler.close()
 
 
+@dataclasses.dataclass
+class TrainState:
+    """Everything a run carries from update to update (what a checkpoint saves, and more)."""
+
+    cfg: TrainConfig
+    env: DistEnv
+    device: torch.device
+    exp: Path
+    stage: Stage
+    variant: str
+    model: Any  # the model trained (the student when distilling)
+    objective: Any  # what a step calls: the model, or a distill objective holding it
+    step_module: Any  # the objective, DDP-wrapped in a multi-process run
+    optimizer: ScaledAdam
+    scheduler: Any
+    scaler: torch.amp.GradScaler
+    sampler: BucketBatchSampler
+    train_set: TTSDataset
+    dev_split: Any
+    dev_loader: Any
+    logs: _Logs
+    model_avg: dict | None = None
+    batch_idx_train: int = 0
+    epoch: int = 1
+    position: int = 0
+    last_saved: int = -1
+    bad_scale_saved: bool = False
+    losses: dict = dataclasses.field(default_factory=dict)
+    valid: dict = dataclasses.field(default_factory=dict)
+    window_audio: float = 0.0
+    window_start: float = dataclasses.field(default_factory=time.time)
+
+    def finished(self) -> bool:
+        tc = self.cfg.train
+        if tc.num_iters > 0:
+            return self.batch_idx_train >= tc.num_iters
+        return self.epoch > tc.num_epochs
+
+
 def train(cfg: TrainConfig, *, stop_after: int | None = None) -> TrainResult:
     """Run (or resume) a training. `stop_after`: return right after that update, without any
     end-of-training save (what a killed job leaves behind)."""
@@ -628,19 +724,17 @@ def train(cfg: TrainConfig, *, stop_after: int | None = None) -> TrainResult:
     device = pick_device(cfg.train.device, env)
     if cfg.train.num_threads:
         torch.set_num_threads(cfg.train.num_threads)
-    tc = cfg.train
     exp = Path(cfg.exp_dir)
     if env.is_main:
         exp.mkdir(parents=True, exist_ok=True)
     _barrier(env)
 
     resume_path = newest_checkpoint(exp) if cfg.resume else None
-    # mmap: every rank reads the (large) checkpoint without holding a full copy in memory
-    ckpt = (torch.load(resume_path, map_location="cpu", weights_only=True, mmap=True)
-            if resume_path else None)
-    logs = _Logs(exp, env, tc.tensorboard, None if ckpt is None else int(ckpt["batch_idx_train"]))
+    ckpt = read_training_checkpoint(resume_path) if resume_path else None
+    logs = _Logs(exp, env, cfg.train.tensorboard, None if ckpt is None else int(ckpt["batch_idx_train"]))
     try:
-        return _train(cfg, env, device, exp, ckpt, resume_path, logs, stop_after)
+        st = setup_training(cfg, env, device, exp, ckpt, resume_path, logs)
+        return train_loop(st, stop_after)
     finally:
         logs.close()
 
@@ -652,15 +746,17 @@ def _barrier(env: DistEnv) -> None:
         dist.barrier()
 
 
-def _train(cfg, env, device, exp, ckpt, resume_path, logs, stop_after) -> TrainResult:
-    tc, oc, stage = cfg.train, cfg.optim, cfg.stage
+def setup_training(cfg: TrainConfig, env: DistEnv, device: torch.device, exp: Path,
+                   ckpt: dict | None, resume_path: Path | None, logs: _Logs) -> TrainState:
+    """Model (fresh or resumed), data, optimizer and counters of a run."""
+    tc, oc = cfg.train, cfg.optim
+    stage = make_stage(cfg)
     seed_everything(rank_seed(tc.seed, 1, env.rank))
 
-    config_file, token_file = resolve_model_files(cfg, resuming=ckpt is not None)
+    config_file, token_file = resolve_model_files(cfg, stage, resuming=ckpt is not None)
     model_config = read_model_config(config_file)
     token2id = read_tokens(token_file)
-    variant = stage_variant(cfg, ckpt)
-    stereo = variant in STEREO_VARIANTS
+    variant = stage.variant(ckpt)
     monologue = variant.removesuffix(DISTILL_SUFFIX) == "zipvoice"
     tokenizer = get_tokenizer(cfg.model.tokenizer or ("emilia" if monologue else "dialog"),
                               token_file)
@@ -669,31 +765,20 @@ def _train(cfg, env, device, exp, ckpt, resume_path, logs, stop_after) -> TrainR
         model.load_state_dict(ckpt["model"], strict=True)
         how = f"resumed from {resume_path} (update {ckpt['batch_idx_train']})"
     else:
-        how = init_model(cfg, model)
+        how = stage.init_model(model)
     model.set_attention_backend(cfg.model.attention_backend)
     model.to(device).train()
-    objective = model  # what a training step calls: the model itself, or student + teacher
-    if stage == "distill":
-        from model.distill import DistillObjective
-
-        if cfg.distill.stage == "first":
-            teacher = load_teacher(cfg, model_config, token2id, variant)
-            objective = DistillObjective(model, teacher, "first")
-        else:
-            objective = DistillObjective.with_ema_teacher(model, cfg.distill.ema_decay)
-            if ckpt is not None and ckpt.get("model_ema") is not None:
-                objective.teacher.load_state_dict(ckpt["model_ema"], strict=True)
-        objective.teacher.set_attention_backend(cfg.model.attention_backend)
-        objective.to(device).train()
+    objective = stage.objective(model, model_config, token2id, variant, ckpt)
+    objective.to(device).train()
     if env.is_main:
         write_model_files(exp, model, token2id)
-        log.info("stage %s, %s model with %d parameters, vocab %d: %s", stage, variant,
+        log.info("stage %s, %s model with %d parameters, vocab %d: %s", stage.name, variant,
                  sum(p.numel() for p in model.parameters()), model.vocab_size, how)
         log.info("device %s, world size %d, precision %s", device, env.world_size, tc.precision)
 
     # ---- data
     train_split, dev_split = load_datasets(cfg.data, require_dialog=not monologue,
-                                           channels=2 if stereo else 1)
+                                           channels=2 if variant in STEREO_VARIANTS else 1)
     if env.is_main:
         log.info("train: %s", describe(train_split))
         log.info("dev: %d utterances, %.2f h", len(dev_split.utts), dev_split.hours)
@@ -722,178 +807,165 @@ def _train(cfg, env, device, exp, ckpt, resume_path, logs, stop_after) -> TrainR
         scheduler = FixedLR(optimizer)
     scaler = torch.amp.GradScaler(device.type, enabled=tc.precision == "fp16", init_scale=1.0)
 
-    model_avg = None
+    st = TrainState(cfg=cfg, env=env, device=device, exp=exp, stage=stage, variant=variant,
+                    model=model, objective=objective, step_module=objective, optimizer=optimizer,
+                    scheduler=scheduler, scaler=scaler, sampler=sampler, train_set=train_set,
+                    dev_split=dev_split, dev_loader=dev_loader, logs=logs)
     if env.is_main:
-        model_avg = {k: v.detach().to("cpu", torch.float64).clone() for k, v in model.state_dict().items()}
-    batch_idx_train, epoch, position = 0, 1, 0
+        st.model_avg = {k: v.detach().to("cpu", torch.float64).clone()
+                        for k, v in model.state_dict().items()}
     if ckpt is not None:
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        if ckpt.get("grad_scaler"):
-            scaler.load_state_dict(ckpt["grad_scaler"])
-        if model_avg is not None and ckpt.get("model_avg") is not None:
-            model_avg = {k: v.to(torch.float64).clone() for k, v in ckpt["model_avg"].items()}
-        batch_idx_train = int(ckpt["batch_idx_train"])
-        sampler.load_state_dict(ckpt["sampler"])
-        epoch, position = sampler.epoch, sampler.position
-        states = ckpt.get("rng") or []
+        states = load_training_checkpoint(st, ckpt)
         if len(states) == env.world_size:
             set_rng_state(states[env.rank])
         else:
             log.warning("checkpoint has RNG states of %d rank(s), this run has %d: reseeding",
                         len(states), env.world_size)
-            seed_everything(rank_seed(tc.seed, epoch, env.rank) + batch_idx_train)
+            seed_everything(rank_seed(tc.seed, st.epoch, env.rank) + st.batch_idx_train)
 
-    ddp_model = objective
     if env.world_size > 1:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
-        ddp_model = DDP(objective, device_ids=[device.index] if device.type == "cuda" else None,
-                        find_unused_parameters=True)
+        st.step_module = DDP(objective, device_ids=[device.index] if device.type == "cuda" else None,
+                             find_unused_parameters=True)
+    return st
 
-    valid_every = tc.valid_every_n or tc.save_every_n
-    losses: dict[int, float] = {}
-    valid: dict[int, float] = {}
-    max_hours_per_update = cfg.data.max_duration * env.world_size / 3600.0
-    bad_scale_saved = False
-    last_saved = batch_idx_train if ckpt is not None else -1
 
-    def save_checkpoint(path: Path) -> None:
-        rng = gather_objects(rng_state(), env)
-        if not env.is_main:
-            return
-        obj = {"model": model_state_dict(model), "optimizer": optimizer.state_dict(),
-               "scheduler": scheduler.state_dict(), "grad_scaler": scaler.state_dict(),
-               "sampler": {"epoch": epoch, "position": position, "seed": sampler.seed,
-                           "world_size": env.world_size},
-               "rng": rng, "model_avg": model_avg, "batch_idx_train": batch_idx_train,
-               "epoch": epoch, "average_period": tc.average_period, "stage": stage,
-               "variant": variant, "config": cfg.model_dump(mode="json")}
-        if stage == "distill" and cfg.distill.stage == "second":
-            obj["model_ema"] = model_state_dict(objective.teacher)
-        _atomic_save(obj, path)
-        _atomic_save({"model": obj["model"]}, exp / "model.pt")
-        for _, old in list_checkpoints(exp)[: -tc.keep_last_k]:
-            old.unlink(missing_ok=True)
+def save_checkpoint(st: TrainState, path: Path) -> None:
+    """Every rank gives its RNG state; the main rank writes (model/checkpoint.py)."""
+    rng = gather_objects(rng_state(), st.env)
+    if st.env.is_main:
+        save_training_checkpoint(st, path, rng)
         log.info("saved %s", path)
+    st.last_saved = st.batch_idx_train
 
-    def run_validation() -> None:
-        if not dev_split.utts:
-            return
-        res = _reduce_validation(compute_validation_loss(objective, stage, dev_loader, device,
-                                                         tc.precision, tc.se_loss_weight,
-                                                         seed=tc.seed, stereo=stereo), env)
-        valid[batch_idx_train] = res["loss"]
-        if env.is_main:
-            log.info("validation at update %d: loss %.5f (fm %.5f%s) over %d frames",
-                     batch_idx_train, res["loss"], res["fm_loss"],
-                     f", se {res['se_loss']:.5f}" if stage == "stereo" else "", res["frames"])
-            logs.scalars("valid", {"loss": res["loss"], "fm_loss": res["fm_loss"],
-                                   "se_loss": res["se_loss"] if stage == "stereo" else None},
-                         batch_idx_train)
-            logs.record({"step": batch_idx_train, "valid_loss": res["loss"]})
 
-    def finished() -> bool:
-        if tc.num_iters > 0:
-            return batch_idx_train >= tc.num_iters
-        return epoch > tc.num_epochs
+def run_validation(st: TrainState) -> None:
+    if not st.dev_split.utts:
+        return
+    tc = st.cfg.train
+    res = _reduce_validation(compute_validation_loss(st.objective, st.model, st.stage, st.dev_loader,
+                                                     st.device, tc.precision, seed=tc.seed), st.env)
+    st.valid[st.batch_idx_train] = res["loss"]
+    if st.env.is_main:
+        se = st.stage.has_se_loss
+        log.info("validation at update %d: loss %.5f (fm %.5f%s) over %d frames",
+                 st.batch_idx_train, res["loss"], res["fm_loss"],
+                 f", se {res['se_loss']:.5f}" if se else "", res["frames"])
+        st.logs.scalars("valid", {"loss": res["loss"], "fm_loss": res["fm_loss"],
+                                  "se_loss": res["se_loss"] if se else None}, st.batch_idx_train)
+        st.logs.record({"step": st.batch_idx_train, "valid_loss": res["loss"]})
 
-    window_audio, window_start = 0.0, time.time()
-    while not finished():
-        batches = sampler.epoch_batches(epoch)
+
+def train_one_batch(st: TrainState, batch: dict, epoch_len: int) -> None:
+    """One update on `batch`, then its bookkeeping: model average, logs, fp16 grad scale."""
+    cfg, tc, oc = st.cfg, st.cfg.train, st.cfg.optim
+    st.batch_idx_train += 1
+    n = st.batch_idx_train
+    st.scheduler.step_batch(n)
+    if oc.scheduler == "eden" and oc.lr_hours > 0:
+        hours_per_update = cfg.data.max_duration * st.env.world_size / 3600.0
+        st.scheduler.step_epoch(n * hours_per_update)
+    feats = st.model.training_features(batch["features"], n - 1)
+    out = training_step(st.step_module, st.optimizer, st.scaler, batch["tokens"], feats,
+                        batch["features_lens"], device=st.device, precision=tc.precision,
+                        condition_drop_ratio=tc.condition_drop_ratio, **st.stage.step_kwargs())
+    st.stage.after_update(st.objective)
+    st.position += 1
+    loss_value = float(out["loss"])
+    if not math.isfinite(loss_value):
+        if tc.precision != "fp16":
+            raise FloatingPointError(f"non-finite loss {loss_value} at update {n} "
+                                     f"(batch {batch['ids'][:3]}...)")
+        log.warning("non-finite loss at update %d: the grad scaler skips it", n)
+    st.losses[n] = loss_value
+    st.window_audio += batch["duration"] * st.env.world_size
+    if tc.precision == "fp16":
+        _check_grad_scale(st)
+    if st.model_avg is not None and n % tc.average_period == 0:
+        update_model_avg(st.model_avg, st.model, n, tc.average_period)
+    if st.env.is_main:
+        _log_update(st, out, loss_value, batch["duration"], epoch_len)
+
+
+def _check_grad_scale(st: TrainState) -> None:
+    scale = st.scaler.get_scale()
+    new = grad_scale_update(scale, st.batch_idx_train)
+    if new is not None:
+        st.scaler.update(new)
+    if scale < 0.01 and not st.bad_scale_saved and st.env.is_main:
+        log.warning("grad scale %.2e is small: saving %s", scale, st.exp / "bad-model.pt")
+        weights = {"model": model_state_dict(st.model)}
+        atomic_write(st.exp / "bad-model.pt", lambda tmp: torch.save(weights, tmp))
+        st.bad_scale_saved = True
+    if scale < 1e-5:
+        raise FloatingPointError(f"grad scale {scale:.2e} < 1e-5 at update "
+                                 f"{st.batch_idx_train}: training diverged")
+
+
+def _log_update(st: TrainState, out: dict, loss_value: float, seconds: float, epoch_len: int) -> None:
+    tc, n = st.cfg.train, st.batch_idx_train
+    row = {"step": n, "epoch": st.epoch, "loss": loss_value, "fm_loss": float(out["fm_loss"]),
+           "lr": st.scheduler.get_last_lr()[0], "batch_seconds": seconds}
+    row.update(st.stage.log_extras(out, n))
+    if tc.precision == "fp16":
+        row["grad_scale"] = st.scaler.get_scale()
+    if n % tc.log_interval == 0:
+        elapsed = max(time.time() - st.window_start, 1e-9)
+        row["audio_s_per_s"] = st.window_audio / elapsed
+        total = tc.num_iters or tc.num_epochs * epoch_len
+        log.info("epoch %d update %d/%d loss %.4f lr %.3e %s| %.1f s audio/s "
+                 "(%.2f h audio per device-hour)", st.epoch, n, total, loss_value, row["lr"],
+                 f"scale {row['grad_scale']:.1f} " if "grad_scale" in row else "",
+                 row["audio_s_per_s"], row["audio_s_per_s"] / st.env.world_size)
+        st.logs.scalars("train", {k: row.get(k) for k in ("loss", "fm_loss", "se_loss", "lr",
+                                                          "grad_scale", "audio_s_per_s")}, n)
+        st.window_audio, st.window_start = 0.0, time.time()
+    st.logs.record(row)
+
+
+def train_loop(st: TrainState, stop_after: int | None = None) -> TrainResult:
+    """Epochs of updates with validation and checkpoints until num_iters / num_epochs."""
+    cfg, tc, oc = st.cfg, st.cfg.train, st.cfg.optim
+    valid_every = tc.valid_every_n or tc.save_every_n
+    st.window_audio, st.window_start = 0.0, time.time()
+    while not st.finished():
+        batches = st.sampler.epoch_batches(st.epoch)
         if not batches:
-            raise ValueError(f"epoch {epoch} has no batches: max_duration {cfg.data.max_duration} s "
-                             "and drop_last leave nothing of the training data")
-        if position == 0:
-            seed_everything(rank_seed(tc.seed, epoch, env.rank))
+            raise ValueError(f"epoch {st.epoch} has no batches: max_duration {cfg.data.max_duration} "
+                             "s and drop_last leave nothing of the training data")
+        if st.position == 0:
+            seed_everything(rank_seed(tc.seed, st.epoch, st.env.rank))
         if oc.scheduler == "eden" and oc.lr_hours == 0:
-            scheduler.step_epoch(epoch - 1)
-        loader = make_loader(train_set, batches[position:], cfg.data.num_workers,
-                             pin_memory=device.type == "cuda")
+            st.scheduler.step_epoch(st.epoch - 1)
+        loader = make_loader(st.train_set, batches[st.position:], cfg.data.num_workers,
+                             pin_memory=st.device.type == "cuda")
         for batch in loader:
-            batch_idx_train += 1
-            scheduler.step_batch(batch_idx_train)
-            if oc.scheduler == "eden" and oc.lr_hours > 0:
-                scheduler.step_epoch(batch_idx_train * max_hours_per_update)
-            feats = step_features("stereo" if stereo else stage, batch["features"],
-                                  batch_idx_train - 1)
-            kwargs = {"se_loss_weight": tc.se_loss_weight} if stage == "stereo" else {}
-            out = training_step(ddp_model, optimizer, scaler, batch["tokens"], feats,
-                                batch["features_lens"], device=device, precision=tc.precision,
-                                condition_drop_ratio=tc.condition_drop_ratio, **kwargs)
-            if objective is not model:
-                objective.update_teacher()
-            position += 1
-            loss_value = float(out["loss"])
-            if not math.isfinite(loss_value):
-                if tc.precision != "fp16":
-                    raise FloatingPointError(f"non-finite loss {loss_value} at update "
-                                             f"{batch_idx_train} (batch {batch['ids'][:3]}...)")
-                log.warning("non-finite loss at update %d: the grad scaler skips it", batch_idx_train)
-            losses[batch_idx_train] = loss_value
-            window_audio += batch["duration"] * env.world_size
-            if tc.precision == "fp16":
-                scale = scaler.get_scale()
-                new = grad_scale_update(scale, batch_idx_train)
-                if new is not None:
-                    scaler.update(new)
-                if scale < 0.01 and not bad_scale_saved and env.is_main:
-                    log.warning("grad scale %.2e is small: saving %s", scale, exp / "bad-model.pt")
-                    _atomic_save({"model": model_state_dict(model)}, exp / "bad-model.pt")
-                    bad_scale_saved = True
-                if scale < 1e-5:
-                    raise FloatingPointError(f"grad scale {scale:.2e} < 1e-5 at update "
-                                             f"{batch_idx_train}: training diverged")
-            if model_avg is not None and batch_idx_train % tc.average_period == 0:
-                update_model_avg(model_avg, model, batch_idx_train, tc.average_period)
-            if env.is_main:
-                row = {"step": batch_idx_train, "epoch": epoch, "loss": loss_value,
-                       "fm_loss": float(out["fm_loss"]), "lr": scheduler.get_last_lr()[0],
-                       "batch_seconds": batch["duration"]}
-                if stage == "stereo":
-                    row["se_loss"] = float(out["se_loss"])
-                    row["head"] = "mono" if (batch_idx_train - 1) % 2 == 0 else "stereo"
-                if tc.precision == "fp16":
-                    row["grad_scale"] = scaler.get_scale()
-                if batch_idx_train % tc.log_interval == 0:
-                    elapsed = max(time.time() - window_start, 1e-9)
-                    row["audio_s_per_s"] = window_audio / elapsed
-                    total = tc.num_iters or tc.num_epochs * len(batches)
-                    log.info("epoch %d update %d/%d loss %.4f lr %.3e %s| %.1f s audio/s "
-                             "(%.2f h audio per device-hour)", epoch, batch_idx_train, total,
-                             loss_value, row["lr"],
-                             f"scale {row['grad_scale']:.1f} " if "grad_scale" in row else "",
-                             row["audio_s_per_s"], row["audio_s_per_s"] / env.world_size)
-                    logs.scalars("train", {k: row.get(k) for k in ("loss", "fm_loss", "se_loss", "lr",
-                                                                   "grad_scale", "audio_s_per_s")},
-                                 batch_idx_train)
-                    window_audio, window_start = 0.0, time.time()
-                logs.record(row)
-            if batch_idx_train % valid_every == 0:
-                run_validation()
-            if batch_idx_train % tc.save_every_n == 0:
-                save_checkpoint(exp / f"checkpoint-{batch_idx_train}.pt")
-                last_saved = batch_idx_train
-            if stop_after is not None and batch_idx_train >= stop_after:
-                return TrainResult(exp, batch_idx_train, losses, valid, True)
-            if finished():
+            train_one_batch(st, batch, len(batches))
+            n = st.batch_idx_train
+            if n % valid_every == 0:
+                run_validation(st)
+            if n % tc.save_every_n == 0:
+                save_checkpoint(st, st.exp / f"checkpoint-{n}.pt")
+            if stop_after is not None and n >= stop_after:
+                return TrainResult(st.exp, n, st.losses, st.valid, True)
+            if st.finished():
                 break
-        if position >= len(batches):
-            done_epoch = epoch
-            epoch, position = epoch + 1, 0
+        if st.position >= len(batches):
+            done_epoch = st.epoch
+            st.epoch, st.position = st.epoch + 1, 0
             if tc.num_iters == 0:  # epoch-based runs (monologue pre-training) average epochs
-                save_checkpoint(exp / f"epoch-{done_epoch}.pt")
-                last_saved = batch_idx_train
+                save_checkpoint(st, st.exp / f"epoch-{done_epoch}.pt")
 
-    if last_saved != batch_idx_train:
-        save_checkpoint(exp / f"checkpoint-{batch_idx_train}.pt")
-    if env.is_main:
+    if st.last_saved != st.batch_idx_train:
+        save_checkpoint(st, st.exp / f"checkpoint-{st.batch_idx_train}.pt")
+    if st.env.is_main:
         if tc.num_iters > 0:
-            export_final_model(exp, tc.export_avg, iteration=batch_idx_train)
+            export_final_model(st.exp, tc.export_avg, iteration=st.batch_idx_train)
         else:
-            export_final_model(exp, tc.export_avg, epoch=epoch - 1)
-    _barrier(env)
-    return TrainResult(exp, batch_idx_train, losses, valid, False)
+            export_final_model(st.exp, tc.export_avg, epoch=st.epoch - 1)
+    _barrier(st.env)
+    return TrainResult(st.exp, st.batch_idx_train, st.losses, st.valid, False)
 
 
 def export_final_model(exp: Path, avg: int, *, iteration: int | None = None,
@@ -909,7 +981,7 @@ def export_final_model(exp: Path, avg: int, *, iteration: int | None = None,
     except ValueError as e:
         log.warning("exp/model.pt keeps the final weights: cannot average (%s)", e)
         return
-    _atomic_save({"model": sd}, exp / "model.pt")
+    atomic_write(exp / "model.pt", lambda tmp: torch.save({"model": sd}, tmp))
     log.info("wrote %s: %s", exp / "model.pt", info)
 
 

@@ -15,33 +15,83 @@ Conventions
 
 from __future__ import annotations
 
+import dataclasses
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor, nn
 
 from model.zipformer import Regularisation, TTSZipformer, TTSZipformerTwoStream
 
-# The 18 keys of model.json -> "model", with the reference's base values.
-BASE_MODEL_CONFIG: dict = {
-    "fm_decoder_downsampling_factor": [1, 2, 4, 2, 1],
-    "fm_decoder_num_layers": [2, 2, 4, 4, 4],
-    "fm_decoder_cnn_module_kernel": [31, 15, 7, 15, 31],
-    "fm_decoder_feedforward_dim": 1536,
-    "fm_decoder_num_heads": 4,
-    "fm_decoder_dim": 512,
-    "text_encoder_num_layers": 4,
-    "text_encoder_feedforward_dim": 512,
-    "text_encoder_cnn_module_kernel": 9,
-    "text_encoder_num_heads": 4,
-    "text_encoder_dim": 192,
-    "time_embed_dim": 192,
-    "text_embed_dim": 192,
-    "query_head_dim": 32,
-    "value_head_dim": 12,
-    "pos_head_dim": 4,
-    "pos_dim": 48,
-    "feat_dim": 100,
-}
-MODEL_CONFIG_KEYS: tuple[str, ...] = tuple(BASE_MODEL_CONFIG)
+
+@dataclass(frozen=True)
+class ZipVoiceConfig:
+    """The 18 architecture hyper-parameters (model.json -> "model"), the reference's base values.
+
+    The per-stack lists of the decoder are tuples here (hashable, immutable) and lists in JSON.
+    """
+
+    fm_decoder_downsampling_factor: tuple[int, ...] = (1, 2, 4, 2, 1)
+    fm_decoder_num_layers: tuple[int, ...] = (2, 2, 4, 4, 4)
+    fm_decoder_cnn_module_kernel: tuple[int, ...] = (31, 15, 7, 15, 31)
+    fm_decoder_feedforward_dim: int = 1536
+    fm_decoder_num_heads: int = 4
+    fm_decoder_dim: int = 512
+    text_encoder_num_layers: int = 4
+    text_encoder_feedforward_dim: int = 512
+    text_encoder_cnn_module_kernel: int = 9
+    text_encoder_num_heads: int = 4
+    text_encoder_dim: int = 192
+    time_embed_dim: int = 192
+    text_embed_dim: int = 192
+    query_head_dim: int = 32
+    value_head_dim: int = 12
+    pos_head_dim: int = 4
+    pos_dim: int = 48
+    feat_dim: int = 100
+
+    @classmethod
+    def keys(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in dataclasses.fields(cls))
+
+    @classmethod
+    def from_dict(cls, values: dict, where: str = "model config") -> "ZipVoiceConfig":
+        """Validate a "model" section: exactly the 18 keys, each a positive integer or (decoder
+        stacks) a list of them as long as ``fm_decoder_downsampling_factor``. Errors name `where`
+        (the file) and the key, not a layer that failed to build."""
+        keys = cls.keys()
+        missing = [k for k in keys if k not in values]
+        unknown = [k for k in values if k not in keys]
+        if missing or unknown:
+            raise ValueError(f"{where}: 'model' section: missing keys {missing}, unknown keys {unknown}")
+
+        def positive_int(v) -> bool:
+            return isinstance(v, int) and not isinstance(v, bool) and v > 0
+
+        stacks = values["fm_decoder_downsampling_factor"]
+        if not (isinstance(stacks, (list, tuple)) and stacks and all(positive_int(v) for v in stacks)):
+            raise ValueError(f"{where}: model.fm_decoder_downsampling_factor must be a non-empty list "
+                             f"of positive integers, got {stacks!r}")
+        for key, value in values.items():
+            if isinstance(value, (list, tuple)):
+                if len(value) != len(stacks) or not all(positive_int(v) for v in value):
+                    raise ValueError(f"{where}: model.{key} must be {len(stacks)} positive integers (one "
+                                     f"per fm_decoder_downsampling_factor stack), got {value!r}")
+            elif key in ("fm_decoder_num_layers", "fm_decoder_cnn_module_kernel"):
+                raise ValueError(f"{where}: model.{key} must be a list of {len(stacks)} positive "
+                                 f"integers, got {value!r}")
+            elif not positive_int(value):
+                raise ValueError(f"{where}: model.{key} must be a positive integer, got {value!r}")
+        return cls(**{k: tuple(v) if isinstance(v, (list, tuple)) else v for k, v in values.items()})
+
+    def to_dict(self) -> dict:
+        """The JSON form, keys in the reference's order, lists for the per-stack values."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+
+
+# The JSON form of the base config and its key order (both derived from ZipVoiceConfig).
+BASE_MODEL_CONFIG: dict = ZipVoiceConfig().to_dict()
+MODEL_CONFIG_KEYS: tuple[str, ...] = ZipVoiceConfig.keys()
 
 
 # --------------------------------------------------------------------------------------------
@@ -175,72 +225,36 @@ class ZipVoice(nn.Module):
     # Distilled variants take the guidance scale as a decoder input instead of running CFG.
     distilled = False
 
-    def __init__(
-        self,
-        fm_decoder_downsampling_factor=(1, 2, 4, 2, 1),
-        fm_decoder_num_layers=(2, 2, 4, 4, 4),
-        fm_decoder_cnn_module_kernel=(31, 15, 7, 15, 31),
-        fm_decoder_feedforward_dim: int = 1536,
-        fm_decoder_num_heads: int = 4,
-        fm_decoder_dim: int = 512,
-        text_encoder_num_layers: int = 4,
-        text_encoder_feedforward_dim: int = 512,
-        text_encoder_cnn_module_kernel: int = 9,
-        text_encoder_num_heads: int = 4,
-        text_encoder_dim: int = 192,
-        time_embed_dim: int = 192,
-        text_embed_dim: int = 192,
-        query_head_dim: int = 32,
-        value_head_dim: int = 12,
-        pos_head_dim: int = 4,
-        pos_dim: int = 48,
-        feat_dim: int = 100,
-        vocab_size: int = 26,
-        pad_id: int = 0,
-        regularisation: Regularisation | None = None,
-    ):
+    def __init__(self, config: ZipVoiceConfig | None = None, *, vocab_size: int = 26,
+                 pad_id: int = 0, regularisation: Regularisation | None = None, **hparams):
+        """`config`, or the base config with `hparams` (ZipVoiceConfig field names) replaced."""
         super().__init__()
-        self.config = {
-            "fm_decoder_downsampling_factor": list(fm_decoder_downsampling_factor),
-            "fm_decoder_num_layers": list(fm_decoder_num_layers),
-            "fm_decoder_cnn_module_kernel": list(fm_decoder_cnn_module_kernel),
-            "fm_decoder_feedforward_dim": fm_decoder_feedforward_dim,
-            "fm_decoder_num_heads": fm_decoder_num_heads,
-            "fm_decoder_dim": fm_decoder_dim,
-            "text_encoder_num_layers": text_encoder_num_layers,
-            "text_encoder_feedforward_dim": text_encoder_feedforward_dim,
-            "text_encoder_cnn_module_kernel": text_encoder_cnn_module_kernel,
-            "text_encoder_num_heads": text_encoder_num_heads,
-            "text_encoder_dim": text_encoder_dim,
-            "time_embed_dim": time_embed_dim,
-            "text_embed_dim": text_embed_dim,
-            "query_head_dim": query_head_dim,
-            "value_head_dim": value_head_dim,
-            "pos_head_dim": pos_head_dim,
-            "pos_dim": pos_dim,
-            "feat_dim": feat_dim,
-        }
-        self.feat_dim = feat_dim
+        if config is None:
+            config = ZipVoiceConfig.from_dict({**BASE_MODEL_CONFIG, **hparams}, type(self).__name__)
+        elif hparams:
+            raise TypeError(f"give either a ZipVoiceConfig or hyper-parameters, not both: {sorted(hparams)}")
+        c = self.config = config
+        self.feat_dim = c.feat_dim
         self.vocab_size = vocab_size
         self.pad_id = pad_id
         self.reg = regularisation if regularisation is not None else Regularisation()
-        heads = dict(query_head_dim=query_head_dim, pos_head_dim=pos_head_dim,
-                     value_head_dim=value_head_dim, pos_dim=pos_dim, reg=self.reg)
+        heads = dict(query_head_dim=c.query_head_dim, pos_head_dim=c.pos_head_dim,
+                     value_head_dim=c.value_head_dim, pos_dim=c.pos_dim, reg=self.reg)
 
-        self.embed = nn.Embedding(vocab_size, text_embed_dim)
+        self.embed = nn.Embedding(vocab_size, c.text_embed_dim)
         self.text_encoder = TTSZipformer(
-            in_dim=text_embed_dim, out_dim=feat_dim, downsampling_factor=(1,),
-            num_encoder_layers=text_encoder_num_layers,
-            cnn_module_kernel=text_encoder_cnn_module_kernel, encoder_dim=text_encoder_dim,
-            feedforward_dim=text_encoder_feedforward_dim, num_heads=text_encoder_num_heads,
+            in_dim=c.text_embed_dim, out_dim=c.feat_dim, downsampling_factor=(1,),
+            num_encoder_layers=c.text_encoder_num_layers,
+            cnn_module_kernel=c.text_encoder_cnn_module_kernel, encoder_dim=c.text_encoder_dim,
+            feedforward_dim=c.text_encoder_feedforward_dim, num_heads=c.text_encoder_num_heads,
             time_embed_dim=None, **heads,
         )
         self.fm_decoder = self._make_fm_decoder(
-            downsampling_factor=tuple(fm_decoder_downsampling_factor),
-            num_encoder_layers=tuple(fm_decoder_num_layers),
-            cnn_module_kernel=tuple(fm_decoder_cnn_module_kernel), encoder_dim=fm_decoder_dim,
-            feedforward_dim=fm_decoder_feedforward_dim, num_heads=fm_decoder_num_heads,
-            time_embed_dim=time_embed_dim, guidance_scale_embed=self.distilled, **heads,
+            downsampling_factor=c.fm_decoder_downsampling_factor,
+            num_encoder_layers=c.fm_decoder_num_layers,
+            cnn_module_kernel=c.fm_decoder_cnn_module_kernel, encoder_dim=c.fm_decoder_dim,
+            feedforward_dim=c.fm_decoder_feedforward_dim, num_heads=c.fm_decoder_num_heads,
+            time_embed_dim=c.time_embed_dim, guidance_scale_embed=self.distilled, **heads,
         )
 
     def _make_fm_decoder(self, **kwargs) -> TTSZipformer:
@@ -295,6 +309,13 @@ class ZipVoice(nn.Module):
     def speech_condition_mask(self, features_lens: Tensor, num_frames: int,
                               generator: torch.Generator | None = None) -> Tensor:
         return condition_time_mask(features_lens, self.speech_mask_percent, num_frames, generator)
+
+    def training_features(self, features: Tensor, batch_idx: int) -> Tensor:
+        """The part of a stored training batch that update `batch_idx` (from 0) trains on."""
+        return features
+
+    def validation_features(self, features: Tensor) -> Tensor:
+        return features
 
     def forward(self, tokens: list[list[int]], features: Tensor, features_lens: Tensor, *,
                 condition_drop_ratio: float = 0.2, t: Tensor | None = None,
@@ -368,6 +389,18 @@ class ZipVoiceDialogStereo(ZipVoiceDialog):
     def _make_fm_decoder(self, **kwargs) -> TTSZipformer:
         F_ = self.feat_dim
         return TTSZipformerTwoStream(in_dim=(5 * F_, 3 * F_), out_dim=(2 * F_, F_), **kwargs)
+
+    def training_features(self, features: Tensor, batch_idx: int) -> Tensor:
+        """Even updates train the mono head on the downmix, odd ones the stereo head.
+
+        `batch_idx` counts updates from 0 over the whole run, so the alternation is strict across
+        epoch boundaries (the reference counts within the epoch: the same unless an epoch has an
+        odd number of batches, which then gives two mono steps in a row)."""
+        return split_stereo_training_features(features, batch_idx, self.feat_dim)
+
+    def validation_features(self, features: Tensor) -> Tensor:
+        """Validation scores the stereo path: [ch0 | ch1] of the [ch0 | ch1 | mix] layout."""
+        return features[..., : 2 * self.feat_dim]
 
     def forward(self, tokens: list[list[int]], features: Tensor, features_lens: Tensor, *,
                 condition_drop_ratio: float = 0.2, t: Tensor | None = None,

@@ -18,7 +18,6 @@ import numpy as np
 
 from model.eval.metrics import (
     CPWER_MAX_SECONDS,
-    EVAL_SAMPLING_RATE,
     UTMOS,
     ErrorCounts,
     cpsim_from_embeddings,
@@ -28,6 +27,7 @@ from model.eval.metrics import (
 )
 from model.features import load_audio
 from pipeline import clitools
+from pipeline.audio import ANALYSIS_SR
 
 log = logging.getLogger("model.eval")
 METRICS = ("wer", "cpwer", "cpsim", "utmos")
@@ -94,9 +94,9 @@ def evaluate(
         path = gen_dir / f"{it.name}.{extension}"
         if not path.is_file():
             raise FileNotFoundError(f"generated audio missing for {it.name!r}: {path}")
-        waves[it.name] = load_audio(path, EVAL_SAMPLING_RATE, mono=True)
+        waves[it.name] = load_audio(path, ANALYSIS_SR, mono=True)
 
-    rows = {it.name: {"name": it.name, "seconds": len(waves[it.name]) / EVAL_SAMPLING_RATE} for it in items}
+    rows = {it.name: {"name": it.name, "seconds": len(waves[it.name]) / ANALYSIS_SR} for it in items}
     result: dict = {}
     if "wer" in metrics or "cpwer" in metrics:
         if asr is None:
@@ -146,7 +146,7 @@ def evaluate(
 
 
 def _prompt_embeddings(it: TestItem, embed, diarize) -> list[np.ndarray]:
-    waves = [load_audio(p, EVAL_SAMPLING_RATE) for p in it.prompt_wavs]
+    waves = [load_audio(p, ANALYSIS_SR) for p in it.prompt_wavs]
     if len(waves) == 2:
         return [embed(w) for w in waves]
     return dialogue_embeddings(waves[0], embed, diarize)  # merged prompt: diarize it too

@@ -1,90 +1,72 @@
-"""ASR callables for WER/cpWER: ``asr(list of 16 kHz mono float arrays) -> list of transcripts``.
+"""ASR for WER/cpWER: ``asr(list of 16 kHz mono float arrays) -> list of transcripts``.
 
-* ``WhisperASR``: any Whisper checkpoint through transformers; the paper scores English dialogues
-  with WhisperD (``jordand/whisper-d-v1a``), a Whisper fine-tune that writes [S1]/[S2] turn tags.
-* ``PocketsphinxASR``: offline US-English decoder whose model ships in the package (weak, but real).
+The recognisers are the pipeline's ASR backends (`pipeline.backends.asr`), so the corpus is
+curated and the generated speech scored by the same code:
+
+* a Whisper checkpoint through the ``hf-whisper`` backend; the paper scores English dialogues
+  with WhisperD (``jordand/whisper-d-v1a``), a Whisper fine-tune that writes [S1]/[S2] turn tags,
+  so the model's suppressed-token list is cleared (Whisper suppresses "[" by default) and the
+  transcript is the decoded sequence with only Whisper's ``<|...|>`` markers removed;
+* ``pocketsphinx``: the offline US-English decoder whose model ships in the package (weak, but
+  real).
+
+A wave longer than the backend's window (Whisper: 30 s) is transcribed in consecutive windows
+whose texts are joined.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
+import re
 
 import numpy as np
 
+from pipeline.audio import ANALYSIS_SR
+from pipeline.backends.asr import load_backend
+from pipeline.backends.hub import ModelNotFound
+
 WHISPER_D = "jordand/whisper-d-v1a"
-SAMPLING_RATE = 16000
+_WHISPER_MARKER = re.compile(r"<\|[^|]*\|>")
 
 
-class WhisperASR:
-    def __init__(self, model: str = WHISPER_D, device: str | None = None, language: str = "en", batch_size: int = 16):
-        import torch
-        from transformers import WhisperForConditionalGeneration, WhisperProcessor, pipeline
+class BackendASR:
+    """A pipeline ASR backend as the evaluation's ``asr(waves) -> texts`` callable."""
 
-        local = Path(model).is_dir()
-        if device is None:
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        dtype = torch.float16 if str(device).startswith("cuda") else torch.float32
-        try:
-            processor = WhisperProcessor.from_pretrained(model, local_files_only=local)
-            whisper = WhisperForConditionalGeneration.from_pretrained(model, dtype=dtype, local_files_only=local)
-        except (OSError, ValueError) as err:  # ValueError: a missing path is an invalid hub id
-            from pipeline.backends.hub import model_not_found
-
-            raise model_not_found(
-                model, "Whisper ASR",
-                "pass a local directory holding a transformers Whisper checkpoint "
-                "(e.g. a download of jordand/whisper-d-v1a), or --asr pocketsphinx",
-                err,
-            ) from err
-        # WhisperD's speaker tags must not be suppressed, and the language/task come from generate().
-        whisper.generation_config.suppress_tokens = None
-        whisper.generation_config.forced_decoder_ids = None
-        tokenizer = processor.tokenizer
-        if tokenizer.pad_token_id is None:  # batching needs a pad id
-            tokenizer.pad_token_id = whisper.config.eos_token_id
-        self.pipe = pipeline(
-            "automatic-speech-recognition",
-            model=whisper,
-            tokenizer=tokenizer,
-            feature_extractor=processor.feature_extractor,
-            chunk_length_s=30,
-            device=device,
-            dtype=dtype,
-        )
+    def __init__(self, backend, language: str | None):
+        self.backend = backend
         self.language = language
-        self.batch_size = batch_size
 
     def __call__(self, waves: list[np.ndarray]) -> list[str]:
-        inputs = [{"raw": np.asarray(w, dtype=np.float32), "sampling_rate": SAMPLING_RATE} for w in waves]
-        kwargs = {"task": "transcribe"}
-        if self.language:
-            kwargs["language"] = self.language
-        outs = self.pipe(inputs, batch_size=self.batch_size, generate_kwargs=kwargs)
-        return [o["text"].strip() for o in outs]
+        window = int(self.backend.max_seconds * ANALYSIS_SR)
+        pieces, owner = [], []
+        for i, w in enumerate(waves):
+            w = np.asarray(w, dtype=np.float32)
+            for start in range(0, max(len(w), 1), window):
+                pieces.append(w[start:start + window])
+                owner.append(i)
+        texts = [""] * len(waves)
+        for i, t in zip(owner, self.backend.transcribe(pieces, language=self.language)):
+            text = _WHISPER_MARKER.sub("", t.raw).strip() if t.raw else t.text.strip()
+            texts[i] = f"{texts[i]} {text}".strip()
+        return texts
 
 
-class PocketsphinxASR:
-    def __init__(self):
-        from pocketsphinx import Decoder
-
-        self.decoder = Decoder(samprate=SAMPLING_RATE, loglevel="ERROR")
-
-    def __call__(self, waves: list[np.ndarray]) -> list[str]:
-        out = []
-        for w in waves:
-            pcm = (np.clip(np.asarray(w, dtype=np.float32), -1, 1) * 32767).astype(np.int16).tobytes()
-            self.decoder.start_utt()
-            self.decoder.process_raw(pcm, full_utt=True)
-            self.decoder.end_utt()
-            hyp = self.decoder.hyp()
-            out.append(hyp.hypstr if hyp is not None else "")
-        return out
-
-
-def load_asr(name: str = WHISPER_D, device: str | None = None, language: str = "en"):
+def load_asr(name: str = WHISPER_D, device: str | None = None, language: str = "en") -> BackendASR:
     """"pocketsphinx", or a Whisper model (local directory or hub id)."""
     if name == "pocketsphinx":
         if language != "en":
             raise ValueError("pocketsphinx only ships an English model")
-        return PocketsphinxASR()
-    return WhisperASR(name, device=device, language=language)
+        return BackendASR(load_backend("pocketsphinx", {}, "cpu"), language)
+    if device is None:
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        backend = load_backend("hf-whisper", {"model": name, "batch_size": 16}, str(device))
+    except ModelNotFound as err:
+        raise ModelNotFound(f"{err}; for the evaluation: pass a local directory holding a transformers "
+                            "Whisper checkpoint (e.g. a download of jordand/whisper-d-v1a) as --asr, "
+                            "or --asr pocketsphinx") from err
+    # WhisperD's speaker tags must not be suppressed; language and task come from generate().
+    backend.model.generation_config.suppress_tokens = None
+    backend.model.generation_config.forced_decoder_ids = None
+    return BackendASR(backend, language)

@@ -18,9 +18,10 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from pipeline.audio import ANALYSIS_SR
+
 log = logging.getLogger(__name__)
 
-EVAL_SAMPLING_RATE = 16000
 CPWER_MAX_SECONDS = 30.0
 
 # CJK and full-width punctuation (the set the reference takes from zhon.hanzi.punctuation)
@@ -148,7 +149,7 @@ def cpsim_from_embeddings(gen: Sequence[np.ndarray], prompt: Sequence[np.ndarray
 
 
 def speaker_streams(
-    wave: np.ndarray, segments: Sequence[tuple[float, float, str]], sampling_rate: int = EVAL_SAMPLING_RATE
+    wave: np.ndarray, segments: Sequence[tuple[float, float, str]], sampling_rate: int = ANALYSIS_SR
 ) -> list[np.ndarray] | None:
     """Concatenate the audio of the two most talkative diarized speakers; None if fewer than two."""
     per_speaker: dict[str, list[np.ndarray]] = {}
@@ -166,7 +167,7 @@ def dialogue_embeddings(
     wave: np.ndarray,
     embed: Callable[[np.ndarray], np.ndarray],
     diarize: Callable[[np.ndarray], Sequence[tuple[float, float, str]]],
-    sampling_rate: int = EVAL_SAMPLING_RATE,
+    sampling_rate: int = ANALYSIS_SR,
     max_seconds: float = 120.0,
 ) -> list[np.ndarray]:
     """Two speaker embeddings of a dialogue: diarize, then embed each speaker's concatenated speech.
@@ -190,7 +191,7 @@ def cpsim(
     prompt_waves: Sequence[np.ndarray],
     embed: Callable[[np.ndarray], np.ndarray],
     diarize: Callable[[np.ndarray], Sequence[tuple[float, float, str]]],
-    sampling_rate: int = EVAL_SAMPLING_RATE,
+    sampling_rate: int = ANALYSIS_SR,
 ) -> float:
     """cpSIM of one generated dialogue against two single-speaker prompts (mono audio).
 
@@ -235,16 +236,16 @@ class UTMOS:
         args = [a.name for a in self.model.forward.schema.arguments if a.name != "self"]
         self._takes_sr = len(args) >= 2
 
-    def score(self, wave: np.ndarray, sampling_rate: int = EVAL_SAMPLING_RATE) -> float:
+    def score(self, wave: np.ndarray, sampling_rate: int = ANALYSIS_SR) -> float:
         import torch
 
-        if sampling_rate != EVAL_SAMPLING_RATE:
+        if sampling_rate != ANALYSIS_SR:
             from model.features import resample
 
-            wave = resample(np.asarray(wave, dtype=np.float32), sampling_rate, EVAL_SAMPLING_RATE)
+            wave = resample(np.asarray(wave, dtype=np.float32), sampling_rate, ANALYSIS_SR)
         x = torch.from_numpy(np.asarray(wave, dtype=np.float32)).unsqueeze(0)
         with torch.inference_mode():
-            out = self.model(x, EVAL_SAMPLING_RATE) if self._takes_sr else self.model(x)
+            out = self.model(x, ANALYSIS_SR) if self._takes_sr else self.model(x)
         return float(out.reshape(-1)[0])
 
 

@@ -20,7 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-SAMPLING_RATE = 16000
+from pipeline.audio import ANALYSIS_SR
+
 
 
 class ResemblyzerEmbedder:
@@ -33,11 +34,11 @@ class ResemblyzerEmbedder:
         from resemblyzer import preprocess_wav
 
         wave = np.asarray(wave, dtype=np.float32)
-        if len(wave) < SAMPLING_RATE // 10:
+        if len(wave) < ANALYSIS_SR // 10:
             raise ValueError(f"audio too short for a speaker embedding ({len(wave)} samples)")
         trimmed = preprocess_wav(wave)
         # the VAD trim can leave almost nothing of very short or quiet clips
-        return self.encoder.embed_utterance(trimmed if len(trimmed) >= SAMPLING_RATE // 2 else wave)
+        return self.encoder.embed_utterance(trimmed if len(trimmed) >= ANALYSIS_SR // 2 else wave)
 
 
 class SimpleDiarizer:

@@ -17,7 +17,7 @@ from model.checkpoint import (
     save_model,
 )
 from model.tokenizer import read_tokens
-from model.zipvoice import BASE_MODEL_CONFIG
+from model.zipvoice import BASE_MODEL_CONFIG, ZipVoiceConfig
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = json.loads((REPO / "configs/model/zipvoice_tiny.json").read_text())
@@ -118,6 +118,14 @@ def test_bad_inputs_fail_with_the_file_named(tmp_path):
     (tmp_path / "model.json").write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match=r"model\.json.*missing keys \['pos_dim'\]"):
         read_model_config(tmp_path / "model.json")
+    # a wrong value names the file and the key (ZipVoiceConfig validates), not a failing layer
+    for key, value, why in [("pos_dim", 0, "positive integer"), ("fm_decoder_num_layers", [2, 2], "4 positive"),
+                            ("text_encoder_dim", True, "positive integer")]:
+        bad = json.loads(json.dumps(TINY))
+        bad["model"][key] = value
+        (tmp_path / "model.json").write_text(json.dumps(bad))
+        with pytest.raises(ValueError, match=rf"model\.json: model\.{key} must be .*{why}"):
+            read_model_config(tmp_path / "model.json")
     # a pickle that needs code to load is refused, never executed
     torch.save({"model": {"x": torch.zeros(1)}, "extra": Path("/x")}, tmp_path / "evil.pt")
     with pytest.raises(ValueError, match="evil.pt.*weights_only"):
@@ -193,3 +201,14 @@ def test_init_stereo_from_dialog_keeps_weights_and_predicts_channel_average():
     assert torch.allclose(v_st[..., :100], v_mono, atol=1e-4)
     assert torch.allclose(v_st[..., 100:], v_mono, atol=1e-4)
     assert torch.equal(v_head1, v_dialog)
+
+
+def test_zipvoice_config_holds_the_hyper_parameters_once():
+    """model.json's "model" section <-> ZipVoiceConfig <-> the model, without loss."""
+    cfg = ZipVoiceConfig.from_dict(TINY["model"], "zipvoice_tiny.json")
+    assert cfg.to_dict() == TINY["model"] and list(cfg.to_dict()) == list(BASE_MODEL_CONFIG)
+    assert ZipVoiceConfig().to_dict() == BASE_MODEL_CONFIG and len(BASE_MODEL_CONFIG) == 18
+    model = build_model("zipvoice", TINY, mono_tokens())
+    assert model.config == cfg
+    with pytest.raises(ValueError, match=r"x\.json: 'model' section: missing keys \[\], unknown keys \['depth'\]"):
+        ZipVoiceConfig.from_dict({**TINY["model"], "depth": 3}, "x.json")
