@@ -213,10 +213,8 @@ def main(argv: list[str] | None = None) -> None:
         print(f"mean WER of the English two-speaker dialogues: {sum(dialogue_wers) / len(dialogue_wers):.3f} "
               f"({len(dialogue_wers)} files)")
     # What the rule and DNSMOS thresholds see on real speech (every segment that reached them).
-    import json
-
     lang_of = {(ingest.get(n) or {}).get("recording_id"): r["lang"] for n, r in refs.items()}
-    rates = [json.loads(r["metrics"] or "{}").get("words_per_second") for r in
+    rates = [(r["metrics"] or {}).get("words_per_second") for r in
              (manifests.read_manifest(output, "rules").to_pylist() if (output / "manifests" / "rules").exists() else [])
              if lang_of.get(r["recording_id"]) == "en"]
     rates = sorted(x for x in rates if x is not None)
