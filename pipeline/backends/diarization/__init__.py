@@ -24,6 +24,7 @@ __all__ = ["BACKENDS", "Diarization", "Diarizer", "TurnTuple", "exclusive_turns"
 BACKENDS = Registry("diarization", {
     "embedded": "pipeline.backends.diarization.embedded:EmbeddedDiarizer",
     "pyannote": "pipeline.backends.diarization.pyannote:PyannoteDiarizer",
+    "powerset": "pipeline.backends.diarization.powerset:PowersetDiarizer",
 })
 
 
