@@ -1,6 +1,7 @@
 """Diarization benchmark: real recordings and generated audio with exact truth.
 
-Prints, for the embedded backend, one line per real recording and one per generated condition:
+Prints, for each offline backend (``powerset``: pyannote segmentation-3.0 + CAM++, the local
+profile's default; ``embedded``: resemblyzer), one line per real recording and one per generated condition:
 DER (pyannote.metrics, no collar, overlapped speech scored) split into missed speech, false alarm
 and speaker confusion, the number of speakers found vs the true number, and the real-time factor
 on this machine's CPU. Speech spans come from the real VAD stage (silero) run on the 16 kHz
@@ -21,7 +22,7 @@ its real-time factor on CUDA when available, else on CPU. The real pyannote weig
 hub, which is unreachable here: random weights say nothing about accuracy, only the speed is
 meaningful, so pyannote's DER on the real recordings is not measured.
 
-    .venv/bin/python benchmarks/bench_diarization.py [--n 6] [--duration 30] [--no-pyannote]
+    .venv/bin/python benchmarks/bench_diarization.py [--backends powerset embedded] [--n 6] [--duration 30] [--no-pyannote]
 """
 
 from __future__ import annotations
@@ -42,8 +43,8 @@ sys.path.insert(0, str(ROOT))
 warnings.filterwarnings("ignore")
 
 from pipeline.audio import decode_to_wav  # noqa: E402
-from pipeline.backends.diarization import row_fields  # noqa: E402
-from pipeline.backends.diarization.embedded import (EmbeddedDiarizer, EmbeddedOptions, _disjoint,  # noqa: E402
+from pipeline.backends.diarization import BACKENDS, row_fields  # noqa: E402
+from pipeline.backends.diarization.embedded import (_disjoint,  # noqa: E402
                                                     partition, separation)
 from pipeline.backends.vad.silero import SileroVad  # noqa: E402
 from pipeline.stages.vad import VadConfig, speech_spans  # noqa: E402
@@ -123,9 +124,10 @@ def generated_items(kind: str, n: int, duration: float, out: Path, seed0: int) -
 
 
 class Runner:
-    def __init__(self, settings: EmbeddedOptions):
+    def __init__(self, backend: str, settings):
+        self.backend = backend
         self.vad = SileroVad()
-        self.diarizer = EmbeddedDiarizer(settings)
+        self.diarizer = BACKENDS.build(backend, settings, device="cpu", num_threads=1)
 
     def __call__(self, item: dict) -> dict:
         speech = speech_spans(self.vad.probabilities([str(item["path"])])[0], item["duration"], VadConfig(), self.vad.hop)
@@ -137,9 +139,11 @@ class Runner:
         return dict(err=err, found=fields["num_speakers"], secs=secs, fields=fields, speech=speech)
 
     def separations(self, item: dict, speech: list, max_k: int = 4) -> str:
-        """The count decision's evidence: for K = 2..max_k, the largest separation between two of
-        the K groups and the seconds in the smallest group (K is kept while the separation is
-        below the threshold and the group holds min_speaker seconds)."""
+        """The embedded count decision's evidence: for K = 2..max_k, the largest separation between
+        two of the K groups and the seconds in the smallest group (K is kept while the separation
+        is below the threshold and the group holds min_speaker seconds)."""
+        if self.backend != "embedded":
+            return ""
         d = self.diarizer
         spans = sorted((max(0.0, a), min(item["duration"], b)) for a, b in speech)
         emb, index = d.embed(str(item["path"]), spans)
@@ -170,8 +174,7 @@ def _row(name: str, errs: list, found: str, secs: float, audio: float, extra: st
 
 
 def run_real(runner: Runner, items: list[dict]) -> None:
-    print(f"\nreal recordings (speakers: found/true; threshold {runner.diarizer.s.threshold}, "
-          f"min_speaker {runner.diarizer.s.min_speaker} s)")
+    print(f"\n{runner.backend}: real recordings (speakers: found/true; {runner.diarizer.s.model_dump()})")
     print(HEADER)
     right, two = 0, []
     for it in items:
@@ -180,16 +183,16 @@ def run_real(runner: Runner, items: list[dict]) -> None:
         if r["err"] is not None and it["speakers"] == 2:
             two.append(r["err"]["der"])
         ov = r["fields"]["overlap_ratio"]
+        sep = runner.separations(it, r["speech"])
         print(_row(it["name"][:34], [r["err"]] if r["err"] else [], f"{r['found']}/{it['speakers']}",
-                   r["secs"], it["duration"], f"overlap ratio {ov:.2f}; separation/smallest group: "
-                   + runner.separations(it, r["speech"])))
+                   r["secs"], it["duration"], f"overlap ratio {ov:.2f}" + (f"; separation/smallest group: {sep}" if sep else "")))
     print(f"speaker count right on {right}/{len(items)} real recordings; "
           f"mean DER on real 2-speaker recordings with a reference: "
           + (f"{100 * np.mean(two):.2f}% ({len(two)} files)" if two else "none"))
 
 
 def run_generated(runner: Runner, sets: dict) -> None:
-    print("\ngenerated conditions (speakers: files with the right count; per-file DER% (found/true))")
+    print(f"\n{runner.backend}: generated conditions (speakers: files with the right count; per-file DER% (found/true))")
     print(HEADER)
     for kind, items in sets.items():
         errs, right, secs, audio, details = [], 0, 0.0, 0.0, []
@@ -203,7 +206,7 @@ def run_generated(runner: Runner, sets: dict) -> None:
         print(_row(kind, errs, f"{right}/{len(items)}", secs, audio, " ".join(details)))
 
 
-def run_long(out: Path, seconds: float, settings: EmbeddedOptions) -> None:
+def run_long(out: Path, seconds: float, backend: str, settings) -> None:
     """One long dialogue (sentences reused from a pool): speed and memory path of long inputs."""
     from tools.synth import synth_long
 
@@ -214,13 +217,13 @@ def run_long(out: Path, seconds: float, settings: EmbeddedOptions) -> None:
     t0 = time.perf_counter()
     speech = speech_spans(vad.probabilities([str(path)])[0], clip.truth.duration, VadConfig(), vad.hop)
     t_vad = time.perf_counter() - t0
-    diarizer = EmbeddedDiarizer(settings)
+    diarizer = BACKENDS.build(backend, settings, device="cpu", num_threads=1)
     t0 = time.perf_counter()
     fields = row_fields(diarizer.diarize(str(path), speech, clip.truth.duration, 1, 4))
     secs = time.perf_counter() - t0
     d = diarization_error([(t.start, t.end, t.speaker) for t in clip.truth.turns],
                           [(t["start"], t["end"], t["speaker"]) for t in fields["turns"]], clip.truth.duration)
-    print(f"\nlong dialogue {clip.truth.duration:.0f} s: embedded diarization {secs:.1f} s, RTF "
+    print(f"\nlong dialogue {clip.truth.duration:.0f} s: {backend} diarization {secs:.1f} s, RTF "
           f"{secs / clip.truth.duration:.4f} (VAD {t_vad / clip.truth.duration:.4f}); DER {100 * d['der']:.2f}%, "
           f"{fields['num_speakers']} speakers")
 
@@ -259,31 +262,34 @@ def main() -> None:
     p.add_argument("--duration", type=float, default=30.0, help="seconds per generated file (meetings of 4: 1.5x)")
     p.add_argument("--conditions", nargs="*", default=list(CONDITIONS))
     p.add_argument("--no-real", action="store_true", help="skip the real recordings")
-    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="embedded settings, e.g. threshold=0.7")
+    p.add_argument("--backends", nargs="*", default=["powerset", "embedded"], choices=["powerset", "embedded"])
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="settings of the first backend listed, e.g. threshold=0.7")
     p.add_argument("--seed", type=int, default=1000, help="seed of the first file of each condition")
     p.add_argument("--long-seconds", type=float, default=600.0, help="length of the long-file run (0: skip)")
     p.add_argument("--no-pyannote", action="store_true")
     p.add_argument("--pyannote-seconds", type=float, default=None,
                    help="audio for the pyannote timing (default 300 s on CUDA, 30 s on CPU)")
     a = p.parse_args()
-    settings = EmbeddedOptions(**dict(kv.split("=", 1) for kv in a.set))
     import torch
 
     torch.set_num_threads(1)  # as in a pipeline worker; also keeps a busy machine from thrashing
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp)
-        runner = Runner(settings)
-        print(f"embedded backend ({settings.model_dump()})")
         real = [] if a.no_real else real_items(out)
         sets = {k: generated_items(k, a.n, a.duration, out, a.seed) for k in a.conditions}
-        first = (real or next(iter(sets.values())))[0]
-        runner(first)  # warm-up: lazy imports, first allocations
-        if real:
-            run_real(runner, real)
-        if sets:
-            run_generated(runner, sets)
-        if a.long_seconds:
-            run_long(out, a.long_seconds, settings)
+        for i, backend in enumerate(a.backends):
+            options = BACKENDS.get(backend).Options
+            settings = options(**dict(kv.split("=", 1) for kv in a.set)) if i == 0 else options()
+            runner = Runner(backend, settings)
+            first = (real or next(iter(sets.values())))[0]
+            runner(first)  # warm-up: lazy imports, first allocations
+            if real:
+                run_real(runner, real)
+            if sets:
+                run_generated(runner, sets)
+            if a.long_seconds:
+                run_long(out, a.long_seconds, backend, settings)
         if not a.no_pyannote:
             run_pyannote(out, a.pyannote_seconds)
 
