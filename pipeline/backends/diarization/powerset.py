@@ -127,7 +127,9 @@ class PowersetDiarizer:
     def fbank(self, wav: np.ndarray):
         import torchaudio.compliance.kaldi as kaldi
 
-        x = self.torch.from_numpy(wav).float()[None] * 32768  # Kaldi's int16 scale, as CAM++ was trained
+        # The int16 range keeps quiet frames above Kaldi's log floor; any scale is removed again by
+        # the per-utterance mean normalisation in embed().
+        x = self.torch.from_numpy(wav).float()[None] * 32768
         return kaldi.fbank(x, num_mel_bins=80, frame_length=25, frame_shift=FBANK_HOP * 1000, dither=0.0,
                            sample_frequency=ANALYSIS_SR)
 
