@@ -96,7 +96,7 @@ class PowersetDiarizer:
         spec = self.segmenter.specifications
         if not spec.powerset:
             raise ValueError(f"{seg}: not a powerset segmentation model (pyannote segmentation-3.x)")
-        self.powerset = Powerset(len(spec.classes), spec.powerset_max_classes)
+        self.powerset = Powerset(len(spec.classes), spec.powerset_max_classes).to(device)
         self.frames = self.segmenter.receptive_field  # SlidingWindow of the model's output frames
         emb = _weights(self.s.embedding, "speech_campplus_sv_zh_en_16k-common_advanced/campplus_cn_en_common.pt",
                        "CAM++ embedding")
