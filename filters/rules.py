@@ -277,7 +277,8 @@ def _duration(segment: Mapping) -> float | None:
         d = float(d)
     except (TypeError, ValueError):
         return None
-    return d if math.isfinite(d) and d > 0 else None
+    # Below a microsecond no segment is real, and rates over such a duration overflow to inf.
+    return d if math.isfinite(d) and d >= 1e-6 else None
 
 
 def _language(segment: Mapping) -> str | None:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
@@ -310,6 +310,7 @@ ANY = st.one_of(st.none(), st.booleans(), st.integers(), st.floats(allow_nan=Tru
 @settings(max_examples=200, deadline=None)
 @given(text=st.text() | st.lists(st.sampled_from(PIECES) | st.text(max_size=6), max_size=30).map("".join),
        language=st.sampled_from(["en", "zh"]) | ANY, duration=ANY, agreement=ANY)
+@example(text="0", language=None, duration=2.225073858507203e-309, agreement=None)  # 1 word / it = inf
 def test_rules_never_raise_and_are_deterministic(text, language, duration, agreement):
     segment = {"text": text, "language": language, "duration": duration, "agreement": agreement,
                "start": 0.0, "end": 1.0}
