@@ -27,7 +27,6 @@ real recordings, with back-channels and crosstalk).
 from __future__ import annotations
 
 import importlib.util
-import os
 from pathlib import Path
 
 import numpy as np
