@@ -152,18 +152,26 @@ def _footprint(cfg: PipelineConfig, resource: str) -> float:
     return need
 
 
+def _shortfall(cfg: PipelineConfig, local: bool, resource: str, ray_name: str, default: float):
+    """(available, needed) of ``resource`` when a local Ray has less than the stages' minimum
+    footprint, else None (enough, or a cluster, which keeps the requests as written)."""
+    import ray
+
+    if not local:
+        return None
+    total = float(ray.cluster_resources().get(ray_name, default))
+    need = _footprint(cfg, resource)
+    return None if need <= total else (total, need)
+
+
 def cpu_scale(cfg: PipelineConfig, local: bool) -> float:
     """On a local Ray smaller than the pipeline's minimum footprint (every actor pool keeps at least
     one worker alive), shrink the CPU requests so that all stages fit instead of waiting forever;
     the OS then shares the cores. A cluster keeps the requests as written (it may autoscale)."""
-    import ray
-
-    if not local:
+    short = _shortfall(cfg, local, "num_cpus", "CPU", 1.0)
+    if short is None:
         return 1.0
-    total = float(ray.cluster_resources().get("CPU", 1.0))
-    need = _footprint(cfg, "num_cpus")
-    if need <= total:
-        return 1.0
+    total, need = short
     scale = total / need
     say(f"local Ray has {total:g} CPUs but the stages need {need:g} at once: CPU requests scaled by {scale:.2f}")
     return scale
@@ -174,20 +182,16 @@ def gpu_scale(cfg: PipelineConfig, local: bool) -> float:
     for (the paper's layout keeps four GPU pools of >= 1 worker; a workstation has one GPU), each
     GPU worker gets a fraction of a GPU and the stages share it; with no GPU at all they run on
     the CPU. A cluster keeps the requests as written."""
-    import ray
-
-    if not local:
+    short = _shortfall(cfg, local, "num_gpus", "GPU", 0.0)
+    if short is None:
         return 1.0
-    total = float(ray.cluster_resources().get("GPU", 0.0))
-    need = _footprint(cfg, "num_gpus")
-    if need <= total:
-        return 1.0
+    total, need = short
     scale = total / need
     if scale == 0:
         say(f"local Ray has no GPU but the stages ask for {need:g}: GPU stages run on the CPU")
     else:
         gpus = "GPU" if total == 1 else "GPUs"
         say(f"local Ray has {total:g} {gpus} but the stages need {need:g} at once: GPU requests scaled by "
-             f"{scale:.3f}, the GPU stages share the {gpus} (mind their memory: e.g. vllm.gpu_memory_utilization)")
+            f"{scale:.3f}, the GPU stages share the {gpus} (mind their memory: e.g. vllm.gpu_memory_utilization)")
     return scale
 
